@@ -1,0 +1,264 @@
+"""Everything about ranks, processes and the environment. The only module that reads environment variables.
+
+One command works under `deepspeed`, `torchrun`, `srun` and alone: we map whichever launcher's variables exist
+onto RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* before DeepSpeed looks (alone, DeepSpeed would otherwise go looking
+for MPI). Preemption signals, SLURM requeue and the test-only fault points live here too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as torch_dist
+
+# A collective may legitimately wait this long before training starts (rank 0 tokenizing a corpus, or
+# consolidating an export while the others wait); once steps run, a missing peer means it died.
+SETUP_TIMEOUT = dt.timedelta(minutes=60)
+TRAINING_TIMEOUT = dt.timedelta(seconds=45)
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # "deepspeed/torchrun" | "slurm" | "none"
+    slurm_job_id: Optional[str]
+    slurm_restart_count: int
+    hostname: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect(cli_local_rank: Optional[int] = None) -> Env:
+    """Work out who we are; fill the torch.distributed env:// variables where a launcher left them out."""
+    e = os.environ
+    slurm_job = e.get("SLURM_JOB_ID")
+    restarts = int(e.get("SLURM_RESTART_COUNT", "0") or 0)
+    if "RANK" in e and "WORLD_SIZE" in e:
+        launcher = "deepspeed/torchrun"
+    elif "SLURM_PROCID" in e and "SLURM_STEP_ID" in e and "SLURM_NTASKS" in e:
+        # Inside an srun step (the batch shell itself has no SLURM_STEP_ID): one task per rank.
+        launcher = "slurm"
+        e["RANK"], e["WORLD_SIZE"] = e["SLURM_PROCID"], e["SLURM_NTASKS"]
+        e["LOCAL_RANK"] = e.get("SLURM_LOCALID", "0")
+        e.setdefault("MASTER_ADDR", "127.0.0.1")
+        e.setdefault("MASTER_PORT", str(20000 + int(slurm_job or 0) % 20000))
+    else:
+        launcher = "none"
+        e["RANK"], e["WORLD_SIZE"] = "0", "1"
+        e["LOCAL_RANK"] = str(cli_local_rank or 0)
+        e.setdefault("MASTER_ADDR", "127.0.0.1")
+        e.setdefault("MASTER_PORT", str(_free_port()))
+    if "LOCAL_RANK" not in e:  # the deepspeed launcher may pass --local_rank only; the environment wins if both
+        e["LOCAL_RANK"] = str(cli_local_rank or 0)
+    return Env(rank=int(e["RANK"]), local_rank=int(e["LOCAL_RANK"]), world_size=int(e["WORLD_SIZE"]),
+               launcher=launcher, slurm_job_id=slurm_job, slurm_restart_count=restarts,
+               hostname=socket.gethostname())
+
+
+def rank_hint() -> tuple[int, int]:
+    """(rank, world size) from the environment without initialising anything; for error printing."""
+    e = os.environ
+    rank = e.get("RANK") or (e.get("SLURM_PROCID") if "SLURM_STEP_ID" in e else None) or "0"
+    world = e.get("WORLD_SIZE") or (e.get("SLURM_NTASKS") if "SLURM_STEP_ID" in e else None) or "1"
+    return int(rank), int(world)
+
+
+def init(device: str) -> None:
+    """Start the process group (gloo on CPU, nccl on GPU) with the long set-up timeout."""
+    import deepspeed
+
+    if torch_dist.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=SETUP_TIMEOUT, verbose=False)
+
+
+def enter_training_phase() -> None:
+    """Shorten the collective timeout: from now on a silent peer is a dead peer, so fail within a minute."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        try:
+            torch_dist.distributed_c10d._set_pg_timeout(TRAINING_TIMEOUT)
+        except (AttributeError, RuntimeError, ValueError):
+            pass  # older torch: keep the long timeout; the launchers still kill the job when a rank dies
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank (run directory names, decisions only rank 0 may take)."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Reduce a few floats across ranks (on CPU tensors: gloo; moved to the GPU for nccl)."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return list(values)
+    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    return all_reduce([1.0 if flag else 0.0], op="max")[0] > 0
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+# --- preemption ---------------------------------------------------------------------------------------------------
+
+_stop_signal: Optional[int] = None
+
+
+def install_stop_handlers() -> None:
+    """SIGUSR1 (SLURM's warning before the time limit / preemption), SIGTERM and Ctrl-C set a flag; the loop
+    finishes its step, every rank checkpoints together, then we exit. A second Ctrl-C aborts at once."""
+    def handler(signum, _frame):
+        global _stop_signal
+        if _stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        _stop_signal = signum
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def stop_requested() -> bool:
+    """True on every rank as soon as any rank got a stop signal (all ranks must stop at the same step)."""
+    return any_rank(_stop_signal is not None)
+
+
+def stop_signal_name() -> str:
+    return signal.Signals(_stop_signal).name if _stop_signal is not None else ""
+
+
+def max_self_requeues() -> int:
+    return int(os.environ.get("FORGE_DS_MAX_REQUEUES", "3"))
+
+
+def requeue_slurm_job(env: Env) -> bool:
+    """Ask SLURM to requeue this job (call after every rank finished its checkpoint: requeue kills the step)."""
+    if env.slurm_job_id is None or env.slurm_restart_count >= max_self_requeues():
+        return False
+    result = subprocess.run(["scontrol", "requeue", env.slurm_job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"forge-ds: warning: scontrol requeue failed: {result.stderr.strip()}", file=sys.stderr)
+        return False
+    return True
+
+
+# --- test-only fault points ---------------------------------------------------------------------------------------
+
+def fault_point(name: str) -> None:
+    """FORGE_DS_FAULT=<name>:<action>[:<rank>] makes a real process misbehave at a chosen moment, for tests:
+    action `kill` SIGKILLs this process, `raise` raises RuntimeError, `sleep<N>` pauses N seconds."""
+    spec = os.environ.get("FORGE_DS_FAULT", "")
+    for item in filter(None, spec.split(",")):
+        parts = item.split(":")
+        if parts[0] != name or (len(parts) > 2 and int(parts[2]) != rank()):
+            continue
+        action = parts[1]
+        if action == "kill":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "raise":
+            raise RuntimeError(f"fault point {name}: injected failure")
+        elif action.startswith("sleep"):
+            time.sleep(float(action[5:]))
+
+
+def fault_value(name: str) -> Optional[str]:
+    """A test-only override value (e.g. a step at which to inject a NaN)."""
+    for item in filter(None, os.environ.get("FORGE_DS_FAULT", "").split(",")):
+        key, _, value = item.partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def environment_report(env: Env) -> str:
+    """env.txt: package versions, git revision, hosts, world size."""
+    import importlib.metadata as md
+
+    lines = [f"python {sys.version.split()[0]}"]
+    for pkg in ("torch", "deepspeed", "datasets", "tokenizers", "tensorboard", "fire", "forge_ds"):
+        try:
+            lines.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            lines.append(f"{pkg} not installed")
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    lines.append(f"git {rev or 'unknown'}")
+    hosts = gather_hostnames()
+    lines += [f"world_size {env.world_size}", f"launcher {env.launcher}", f"hosts {' '.join(hosts)}"]
+    if env.slurm_job_id:
+        lines.append(f"slurm_job_id {env.slurm_job_id} restart_count {env.slurm_restart_count}")
+    return "\n".join(lines) + "\n"
+
+
+def gather_hostnames() -> list[str]:
+    name = socket.gethostname()
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return [name]
+    out: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, name)
+    return out
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def bf16_supported(device: str) -> bool:
+    return device == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
