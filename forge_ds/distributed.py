@@ -94,11 +94,12 @@ def init(device: str) -> None:
                                timeout=SETUP_TIMEOUT, verbose=False)
 
 
-def enter_training_phase() -> None:
-    """Shorten the collective timeout: from now on a silent peer is a dead peer, so fail within a minute."""
+def set_timeout(timeout: dt.timedelta) -> None:
+    """Change the default group's collective timeout: short while steps run (a silent peer is a dead peer),
+    long around set-up, saves and exports (rank 0 may legitimately keep the others waiting)."""
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         try:
-            torch_dist.distributed_c10d._set_pg_timeout(TRAINING_TIMEOUT)
+            torch_dist.distributed_c10d._set_pg_timeout(timeout)
         except (AttributeError, RuntimeError, ValueError):
             pass  # older torch: keep the long timeout; the launchers still kill the job when a rank dies
 
@@ -166,9 +167,13 @@ def install_stop_handlers() -> None:
         signal.signal(sig, handler)
 
 
-def stop_requested() -> bool:
-    """True on every rank as soon as any rank got a stop signal (all ranks must stop at the same step)."""
-    return any_rank(_stop_signal is not None)
+def local_stop_requested() -> bool:
+    """This rank got a stop signal; the loop reduces it across ranks so all stop at the same step."""
+    return _stop_signal is not None
+
+
+def stop_signal_number() -> int:
+    return int(_stop_signal or 0)
 
 
 def stop_signal_name() -> str:

@@ -1,0 +1,208 @@
+"""The post-training hook: consolidate only the shared subtree into ModularForge's layout, and check such files.
+
+Writes `shared_components.pt` (plain fp32 tensors, exactly the contract's keys, in its order),
+`shared_components.safetensors` (same tensors) and `shared_components.json` (metadata + sha256 of both).
+Sources: a live engine at any ZeRO stage (fp32 master weights, gathered one parameter at a time, the dummy
+experts never touched) or a checkpoint folder (DeepSpeed's own zero_to_fp32 reader, lazily, shared keys only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from forge_ds import distributed
+from forge_ds.errors import ForgeError
+from forge_ds.model import SharedComponents, contract_keys, sinusoidal_table
+
+EXPORT_STEM = "shared_components"
+TIED = ("lm_head.weight", "token_embedding.weight")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _frozen_keys(n_layers: int) -> list[str]:
+    return [f"transformer_blocks.{l}.ffn_norm.{p}" for l in range(n_layers) for p in ("weight", "bias")]
+
+
+def _assemble(get, n_layers: int, max_seq_len: int, d_model: int, frozen: dict[str, torch.Tensor]) -> dict:
+    """Contract-ordered dict: trainable tensors from `get(key)`, frozen ones from their fp32 record, `pe` from the
+    formula (DeepSpeed casts buffers to bf16 with the module, so the live buffer may be rounded)."""
+    state = {}
+    for key in contract_keys(n_layers):
+        if key == "pos_encoding.pe":
+            state[key] = sinusoidal_table(max_seq_len, d_model)
+        elif key == TIED[0]:
+            state[key] = state[TIED[1]]  # the same tensor: torch.save keeps one storage, and the tie survives a load
+        elif key in frozen:
+            state[key] = frozen[key].detach().to(torch.float32).cpu().clone()
+        else:
+            state[key] = get(key)
+    return state
+
+
+def gather_live(engine, n_layers: int, max_seq_len: int, d_model: int, frozen: dict[str, torch.Tensor]) -> dict:
+    """Collective (every rank calls it in the same order). Reads each shared parameter's fp32 master copy; the
+    dummy experts are never gathered. Returns the dict on every rank (rank 0 writes it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(engine.module.shared.named_parameters())
+
+    def get(key: str) -> torch.Tensor:
+        param = params[key]
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # ZeRO-0 in fp32: the parameter itself is the master copy
+            full = param.detach()
+        return full.detach().to(torch.float32).cpu().clone()
+
+    return _assemble(get, n_layers, max_seq_len, d_model, frozen)
+
+
+def gather_from_checkpoint(ckpt: Path, n_layers: int, max_seq_len: int, d_model: int,
+                           frozen: dict[str, torch.Tensor], zero_stage: int) -> dict:
+    """Offline, one process: DeepSpeed's zero_to_fp32 reconstruction in lazy mode, materialising shared keys only."""
+    if zero_stage == 0:
+        return _gather_stage0(ckpt, n_layers, max_seq_len, d_model, frozen)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError) as e:
+        raise ForgeError(f"{ckpt}: cannot read the DeepSpeed shards ({type(e).__name__}: {e}); "
+                         "the checkpoint is incomplete or damaged") from None
+
+    def get(key: str) -> torch.Tensor:
+        return lazy[f"shared.{key}"].contiguous().to(torch.float32).clone()
+
+    return _assemble(get, n_layers, max_seq_len, d_model, frozen)
+
+
+def _gather_stage0(ckpt, n_layers, max_seq_len, d_model, frozen) -> dict:
+    path = ckpt / "mp_rank_00_model_states.pt"
+    try:
+        # DeepSpeed's own file: it holds config objects besides tensors, so it needs a full unpickle. It is the
+        # file our own run wrote; we never point this at user-supplied exports.
+        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    except (OSError, EOFError, RuntimeError, KeyError) as e:
+        raise ForgeError(f"{path}: cannot read the ZeRO-0 model states ({type(e).__name__}); damaged checkpoint") from None
+    if any(p.dtype != torch.float32 for p in module.values()):
+        for bf16_file in sorted(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+            raise ForgeError(f"{ckpt}: ZeRO-0 with bf16 keeps fp32 masters only in {bf16_file.name}; "
+                             "export from the live run instead (the end of training does this)")
+    return _assemble(lambda k: module[f"shared.{k}"].to(torch.float32).clone(), n_layers, max_seq_len, d_model, frozen)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write(state: dict, out_dir: Path, metadata: dict) -> dict[str, Path]:
+    """Rank 0 only. Temporary names, then renames: a crash never leaves a half-written export in place."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{EXPORT_STEM}.{ext}" for ext in ("pt", "safetensors", "json")}
+    distributed.fault_point("export_before_write")
+    _atomic_torch_save(state, paths["pt"])
+    # safetensors refuses shared storage, so the tied matrix is written twice there (equal values).
+    flat = {k: (v.clone() if k == TIED[0] else v).contiguous() for k, v in state.items()}
+    tmp = paths["safetensors"].with_name(f".{paths['safetensors'].name}.tmp-{os.getpid()}")
+    save_file(flat, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, paths["safetensors"])
+    meta = dict(metadata)
+    meta["sha256"] = {paths["pt"].name: sha256_file(paths["pt"]), paths["safetensors"].name: sha256_file(paths["safetensors"])}
+    meta["keys"] = list(state)
+    tmp = paths["json"].with_name(f".{paths['json'].name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(tmp, paths["json"])
+    return paths
+
+
+def load_export(path: Path) -> dict[str, torch.Tensor]:
+    """Our own load of an export: weights_only or safetensors, checksum checked when the JSON is beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ForgeError(f"{path}: no such export file; give the path of a shared_components.pt")
+    meta_path = path.with_suffix(".json")
+    if meta_path.is_file():
+        try:
+            expected = json.loads(meta_path.read_text(encoding="utf-8")).get("sha256", {}).get(path.name)
+        except ValueError:
+            expected = None
+        if expected and sha256_file(path) != expected:
+            raise ForgeError(f"{path}: sha256 differs from {meta_path.name} (truncated or altered); re-export it")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip / pickle errors come in many types
+        raise ForgeError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         "the file is truncated or not a forge_ds export") from None
+    if not isinstance(state, dict):
+        raise ForgeError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
+def infer_shape(state: dict) -> tuple[int, int, int, int]:
+    """(vocab_size, d_model, max_seq_len, n_layers) read off the tensors."""
+    try:
+        vocab, d = state["token_embedding.weight"].shape
+        max_seq_len = state["pos_encoding.pe"].shape[1]
+    except (KeyError, ValueError, IndexError) as e:
+        raise ForgeError(f"export lacks the embedding or position table ({e}); not a shared-components file") from None
+    n_layers = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
+    return vocab, d, max_seq_len, n_layers
+
+
+def verify(path: Path, n_heads: Optional[int] = None) -> list[str]:
+    """Every way a file can break the contract, as a list of problems (empty = good)."""
+    state = load_export(path)
+    problems = []
+    vocab, d, max_seq_len, n_layers = infer_shape(state)
+    expected = contract_keys(n_layers)
+    if list(state) != expected:
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        problems.append(f"keys differ from the contract (missing {missing[:4]}, unexpected {extra[:4]})"
+                        if missing or extra else "keys are in a different order than the contract")
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"{key}: not a tensor")
+        elif tensor.dtype != torch.float32:
+            problems.append(f"{key}: dtype {tensor.dtype}, expected torch.float32")
+        elif tensor.numel() == 0:
+            problems.append(f"{key}: empty tensor (a ZeRO-3 placeholder?)")
+        elif not torch.isfinite(tensor).all():
+            problems.append(f"{key}: holds NaN or inf")
+    if problems:
+        return problems
+    if not torch.equal(state[TIED[0]], state[TIED[1]]):
+        problems.append("lm_head.weight differs from token_embedding.weight (the tie is broken)")
+    pe = sinusoidal_table(max_seq_len, d)
+    if state["pos_encoding.pe"].shape != pe.shape or (state["pos_encoding.pe"] - pe).abs().max() > 1e-5:
+        problems.append("pos_encoding.pe differs from the sinusoidal formula")
+    for key in _frozen_keys(n_layers):
+        want = torch.ones(d) if key.endswith("weight") else torch.zeros(d)
+        if state.get(key) is not None and not torch.equal(state[key], want):
+            problems.append(f"{key}: moved from its init ({'ones' if key.endswith('weight') else 'zeros'}); "
+                            "Phase 1 must not train ffn_norm")
+    heads = n_heads or next(h for h in (8, 4, 2, 1) if d % h == 0)
+    module = SharedComponents(vocab, d, heads, n_layers, max_seq_len, 0.0)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        problems.append(f"strict load into SharedComponents failed: {str(e).splitlines()[0]}")
+    return problems

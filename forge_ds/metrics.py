@@ -1,0 +1,139 @@
+"""What a user sees: TensorBoard scalars, the console (tqdm on a terminal, plain lines in log files), metrics.jsonl,
+the start block and the end-of-run summary. Rank 0 owns the one SummaryWriter; other ranks get a silent logger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import torch
+
+# bf16 dense peak TFLOP/s per GPU, for MFU when --peak_tflops is not given.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_flops(device: str, override_tflops: Optional[float]) -> Optional[float]:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def flops_per_token(trainable_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """6·P for the matmuls forward+backward plus 12·L·d·T for attention scores (PaLM's accounting)."""
+    return 6 * trainable_params + 12 * n_layers * d_model * seq_len
+
+
+class Metrics:
+    """Rank 0 writes; elsewhere every method is a no-op so the loop needs no `if rank == 0`."""
+
+    def __init__(self, run_dir: Path, tb_dir: Path, enabled: bool, total_steps: int, start_step: int,
+                 log_every: int, tokens_per_step: int, samples_per_step: int, flops_per_tok: float, peak: Optional[float],
+                 world_size: int, device: str, fp16: bool, terminal: bool):
+        self.enabled = enabled
+        self.total_steps, self.log_every = total_steps, log_every
+        self.tokens_per_step, self.flops_per_tok, self.peak = tokens_per_step, flops_per_tok, peak
+        self.samples_per_step = samples_per_step
+        self.world_size, self.device, self.fp16 = world_size, device, fp16
+        self.start_time = time.time()
+        self.steps_timed, self.time_in_steps = 0, 0.0
+        self.peak_rss = 0.0
+        self.writer = self.bar = self.jsonl = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(tb_dir))
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if terminal:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _scalars(self, step: int, values: dict) -> None:
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step)
+        self.jsonl.write(json.dumps({"step": step, **{k: v for k, v in values.items() if v is not None}}) + "\n")
+        self.jsonl.flush()
+
+    def train_step(self, step: int, loss: float, lr: float, grad_norm: Optional[float], step_time: float,
+                   epoch: float, loss_scale: Optional[float] = None, skipped_steps: Optional[int] = None) -> None:
+        self.steps_timed += 1
+        self.time_in_steps += step_time
+        rss = psutil.Process().memory_info().rss / 2**30
+        self.peak_rss = max(self.peak_rss, rss)
+        if not self.enabled:
+            return
+        tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else 0.0
+        values = {
+            "train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "opt/lr": lr, "opt/grad_norm": grad_norm,
+            "perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_rank": tokens_per_s / self.world_size,
+            "perf/samples_per_s": self.samples_per_step / step_time if step_time > 0 else 0.0,
+            "perf/step_time_s": step_time, "mem/cpu_rss_gb": rss, "progress/epoch": epoch,
+        }
+        if self.peak:
+            values["perf/mfu"] = tokens_per_s * self.flops_per_tok / (self.world_size * self.peak)
+        if self.device == "cuda":
+            values["mem/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            values["mem/gpu_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
+        if self.fp16:
+            values["fp16/loss_scale"], values["fp16/skipped_steps"] = loss_scale, skipped_steps
+        self._scalars(step, values)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        elif step % self.log_every == 0 or step == self.total_steps:
+            eta = (self.total_steps - step) * (self.time_in_steps / self.steps_timed)
+            print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tokens_per_s:,.0f} "
+                  f"eta {eta:,.0f}s", flush=True)
+
+    def evaluation(self, step: int, val_loss: float) -> None:
+        if not self.enabled:
+            return
+        self._scalars(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
+        message = f"eval step {step}: val loss {val_loss:.4f} ppl {math.exp(min(val_loss, 50.0)):.2f}"
+        (self.bar.write if self.bar is not None else print)(message)
+
+    def text(self, tag: str, body: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, f"```\n{body}\n```", 0)
+
+    def hparams(self, hparams: dict, final_val_loss: Optional[float]) -> None:
+        if self.enabled and final_val_loss is not None:
+            flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self.writer.add_hparams(flat, {"hparam/val_loss": final_val_loss}, run_name="hparams")
+
+    def summary(self, run_dir: Path, extra: dict) -> dict:
+        """End of run: JSON in the run directory and a short console block (rank 0)."""
+        wall = time.time() - self.start_time
+        tokens = self.steps_timed * self.tokens_per_step
+        mean_tps = tokens / self.time_in_steps if self.time_in_steps else 0.0
+        summary = {"wall_time_s": round(wall, 2), "steps_this_run": self.steps_timed, "tokens_this_run": tokens,
+                   "mean_tokens_per_s": round(mean_tps, 1),
+                   "mfu": mean_tps * self.flops_per_tok / (self.world_size * self.peak) if self.peak else None,
+                   "peak_cpu_rss_gb": round(self.peak_rss, 3),
+                   "peak_gpu_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else None,
+                   **extra}
+        if not self.enabled:
+            return summary
+        if self.bar is not None:
+            self.bar.close()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        print("run summary:\n" + "\n".join(f"  {k}: {v}" for k, v in summary.items()), flush=True)
+        return summary
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
