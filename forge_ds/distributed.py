@@ -225,8 +225,8 @@ def fault_value(name: str) -> Optional[str]:
     return None
 
 
-def environment_report(env: Env) -> str:
-    """env.txt: package versions, git revision, hosts, world size."""
+def environment_report(env: Env, hosts: list[str]) -> str:
+    """env.txt: package versions, git revision, hosts (from gather_hostnames, a collective), world size."""
     import importlib.metadata as md
 
     lines = [f"python {sys.version.split()[0]}"]
@@ -241,7 +241,6 @@ def environment_report(env: Env) -> str:
     except (OSError, subprocess.SubprocessError):
         rev = ""
     lines.append(f"git {rev or 'unknown'}")
-    hosts = gather_hostnames()
     lines += [f"world_size {env.world_size}", f"launcher {env.launcher}", f"hosts {' '.join(hosts)}"]
     if env.slurm_job_id:
         lines.append(f"slurm_job_id {env.slurm_job_id} restart_count {env.slurm_restart_count}")
@@ -249,6 +248,7 @@ def environment_report(env: Env) -> str:
 
 
 def gather_hostnames() -> list[str]:
+    """Collective: every rank must call it."""
     name = socket.gethostname()
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return [name]

@@ -84,7 +84,10 @@ class SharedComponents(nn.Module):
         S, T = input_ids.shape[1], self.pos_encoding.pe.shape[1]
         if S > T:
             raise ValueError(f"sequence length {S} exceeds max_seq_len {T}")
-        return self.dropout(self.token_embedding(input_ids) + self.pos_encoding.pe[:, :S])  # no sqrt(d)
+        tokens = self.token_embedding(input_ids)
+        # Under bf16 DeepSpeed may leave buffers in fp32 (ZeRO-3 does); adding an fp32 table would promote the
+        # activations and break the bf16 LayerNorms downstream, so follow the embedding's dtype.
+        return self.dropout(tokens + self.pos_encoding.pe[:, :S].to(tokens.dtype))  # no sqrt(d) scaling
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.output_norm(h))

@@ -229,8 +229,9 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
         state = dataclasses.replace(saved, world_size=env.world_size)
         frozen = checkpoint.read_frozen(resume_from)
 
+    hosts = distributed.gather_hostnames()
     if env.is_main:
-        _write_run_files(run_dir, cfg, ds, prepared, env, opts.overwrite and not opts.resume)
+        _write_run_files(run_dir, cfg, ds, prepared, env, hosts, opts.overwrite and not opts.resume)
     distributed.barrier()
     n_params = model.shared_parameter_count() + model.temp_parameter_count()
     metrics = Metrics(run_dir, Path(opts.tensorboard_dir or run_dir / "tensorboard"), env.is_main, total_steps,
@@ -251,7 +252,7 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
     return run
 
 
-def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, clear_old: bool) -> None:
+def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, hosts, clear_old: bool) -> None:
     if clear_old:
         for stale in ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json"):
             target = run_dir / stale
@@ -262,7 +263,7 @@ def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, 
     checkpoint.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     checkpoint.atomic_write_text(run_dir / "ds_config.json", json.dumps(ds, indent=2))
     checkpoint.atomic_write_text(run_dir / "modularforge.yaml", modularforge_yaml(cfg))
-    checkpoint.atomic_write_text(run_dir / "env.txt", distributed.environment_report(env))
+    checkpoint.atomic_write_text(run_dir / "env.txt", distributed.environment_report(env, hosts))
     shutil.copyfile(prepared / "tokenizer.json", run_dir / "tokenizer.json")
 
 
