@@ -47,6 +47,7 @@ def train(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
           tensorboard_dir: Optional[str] = None, peak_tflops: Optional[float] = None,
           local_rank: Optional[int] = None, **overrides) -> None:
     """Train the shared components (Phase 1) and export them. `forge-ds train --help` lists every flag."""
+    from forge_ds.metrics import configure_console
     from forge_ds.train import RunOptions
     from forge_ds.train import train as run_training
 
@@ -54,6 +55,7 @@ def train(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     if stop_after_steps is not None and (not isinstance(stop_after_steps, int) or stop_after_steps < 1):
         raise ForgeError(f"--stop_after_steps={stop_after_steps!r} must be a positive integer")
     env = distributed.detect(local_rank)
+    configure_console(env.rank)
     opts = RunOptions(config=config, deepspeed_config=str(deepspeed_config), output_dir=output_dir,
                       resume=None if resume in (None, False) else str(resume) if resume is not True else "auto",
                       overwrite=bool(overwrite), stop_after_steps=stop_after_steps, init_from=init_from,
@@ -81,41 +83,47 @@ def prepare(config: Optional[str] = None, **overrides) -> None:
 
 
 def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_dir: Optional[str] = None,
-          resume=None, overwrite: bool = False, init_from: Optional[str] = None, world_size: int = 1,
-          local_rank: Optional[int] = None, **overrides) -> None:
-    """Every validation `train` does before its first step, without training (run it before sbatch)."""
-    from forge_ds import checkpoint, data, ds_config, export
-    from forge_ds.train import RunOptions, check_run_dir, resolve_device, resolve_precision
+          resume=None, overwrite: bool = False, stop_after_steps: Optional[int] = None,
+          init_from: Optional[str] = None, allow_schedule_change: bool = False,
+          tensorboard_dir: Optional[str] = None, peak_tflops: Optional[float] = None,
+          world_size: Optional[int] = None, local_rank: Optional[int] = None, **overrides) -> None:
+    """Every validation `train` does before its first step, without training: run it with train's flags before
+    sbatch (--world_size=N checks the batch split for N ranks; default: this launch's). It prepares the data, as
+    train would (cached, so train reuses it): only the token counts tell whether the corpus fills a window."""
+    from forge_ds import checkpoint, data, ds_config
+    from forge_ds.train import (RunOptions, check_resume_state, check_run_dir, preflight, prepare_data,
+                                resolve_run_dir)
 
     cfg, notes = _config(config, overrides)
     for note in notes:
         print(note)
-    device = resolve_device(cfg)
-    precision = resolve_precision(cfg, device)
+    if stop_after_steps is not None and (not isinstance(stop_after_steps, int) or stop_after_steps < 1):
+        raise ForgeError(f"--stop_after_steps={stop_after_steps!r} must be a positive integer")
+    env = distributed.detect(local_rank)
+    world = int(world_size or env.world_size)
+    # The same checks in the same order as train.setup, so both fail with the same message.
+    opts = RunOptions(config=config, deepspeed_config=str(deepspeed_config), output_dir=output_dir,
+                      resume=None if resume in (None, False) else str(resume) if resume is not True else "auto",
+                      overwrite=bool(overwrite), init_from=init_from)
+    device, precision, ds, _ = preflight(cfg, opts, world)
     t = cfg.training
-    ds_path = ds_config.find_ds_config(str(deepspeed_config))
-    ds_config.resolve_ds_config(ds_config.load_ds_config(str(deepspeed_config)), micro_batch=t.batch_size,
-                                grad_accum=t.gradient_accumulation_steps, world_size=world_size,
-                                max_grad_norm=t.max_grad_norm, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                precision=precision, device=device, source=str(ds_path))
-    if cfg.data.tokenizer:
-        data.load_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size)
-    docs = data.load_documents(cfg.data.source, cfg.data.text_field, cfg.data.min_article_length,
-                               cfg.data.max_articles)
-    print(f"data: {cfg.data.source}: {len(docs)} documents")
-    if output_dir:
-        run_dir = Path(output_dir).resolve()
-        check_run_dir(run_dir, RunOptions(resume=resume, overwrite=overwrite))
-        if resume:
-            target = checkpoint.find_resume_target(run_dir, "auto" if resume is True else str(resume))
-            if target is not None:
-                checkpoint.compare_configs(checkpoint.saved_config(target), cfg, allow_schedule_change=False)
-                print(f"resume target: {target}")
-    if init_from:
-        problems = export.verify(Path(init_from), n_heads=cfg.model.n_heads)
-        if problems:
-            raise ForgeError(f"--init_from={init_from}: {problems[0]}")
-    print(f"check passed: device {device}, precision {precision}, ZeRO-{ds_config.zero_stage(ds_config.load_ds_config(str(deepspeed_config)))}")
+    run_dir = resolve_run_dir(opts, env)
+    check_run_dir(run_dir, opts)
+    target = checkpoint.find_resume_target(run_dir, opts.resume) if opts.resume else None
+    if target is not None:
+        checkpoint.compare_configs(checkpoint.saved_config(target), cfg, bool(allow_schedule_change))
+        checkpoint.verify_manifest(target)
+    prepared = prepare_data(cfg, show_progress=False)
+    meta = data.read_meta(prepared)
+    data.check_fits(prepared, cfg.model.max_seq_len)
+    train_windows = data.TokenWindows(prepared / "train.bin", cfg.model.max_seq_len)
+    sampler = data.GlobalBatchSampler(len(train_windows), t.batch_size, t.gradient_accumulation_steps, world, t.seed)
+    if target is not None:
+        check_resume_state(target, ds, sampler, meta)
+    print(f"data: {cfg.data.source}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {prepared}")
+    print(f"run directory: {run_dir}" + (f", resuming from {target.name}" if target is not None else ""))
+    print(f"check passed: device {device}, precision {precision}, ZeRO-{ds_config.zero_stage(ds)}, world size "
+          f"{world}, {sampler.steps_per_epoch} steps/epoch of global batch {sampler.global_batch}")
 
 
 def export(checkpoint_dir: str, out: Optional[str] = None, overwrite: bool = False) -> None:
@@ -132,6 +140,7 @@ def export(checkpoint_dir: str, out: Optional[str] = None, overwrite: bool = Fal
             raise ForgeError(f"{path}: no complete checkpoint under checkpoints/")
         path = complete[-1]
     ckpt = checkpoint.validate_checkpoint_dir(path)
+    checkpoint.verify_manifest(ckpt)
     cfg = checkpoint.saved_config(ckpt)
     state = checkpoint.read_state(ckpt)
     out_dir = Path(out).resolve() if out else ckpt.parent.parent / f"export-{ckpt.name}"
@@ -156,7 +165,10 @@ def verify(path: str, n_heads: Optional[int] = None) -> None:
     """Check a shared_components.pt against the ModularForge contract; exit 1 listing what is wrong."""
     from forge_ds import export as export_mod
 
-    problems = export_mod.verify(Path(path), n_heads=n_heads)
+    try:
+        problems = export_mod.verify(Path(path), n_heads=n_heads)
+    except ForgeError as e:  # unreadable, truncated or altered: a failed verification, not a usage error
+        problems = [str(e).removeprefix(f"{Path(path)}: ")]
     if problems:
         for problem in problems:
             print(f"FAIL {path}: {problem}")
@@ -164,17 +176,90 @@ def verify(path: str, n_heads: Optional[int] = None) -> None:
     print(f"OK {path}: keys, shapes, fp32, finite, tie, pe, ffn_norm and strict load all match the contract")
 
 
-COMMANDS = {"train": train, "prepare": prepare, "check": check, "export": export, "verify": verify}
+def bench(*_args, **_flags) -> None:
+    """Benchmarks: throughput vs a plain PyTorch loop (benchmarks/bench.py), or --quality (benchmarks/quality.py).
+    `forge-ds bench --help` lists the flags."""
+    _run_bench(["--help"])
+
+
+def _run_bench(argv: list[str]) -> None:
+    # The scripts parse their own flags (argparse), so `bench` bypasses fire and hands them the raw arguments.
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+    if not script.is_file():
+        raise ForgeError(f"{script} not found; the benchmarks ship with the source tree, run from a checkout")
+    spec = importlib.util.spec_from_file_location("forge_ds_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+def evaluate(path: str, batch_size: Optional[int] = None, max_batches: Optional[int] = None,
+             split: Optional[str] = None, device: str = "auto", local_rank: Optional[int] = None,
+             **overrides) -> None:
+    """Loss and perplexity of the full model (shared + dummy experts) of a run or checkpoint folder, on the run's
+    validation split or on --data.source=... (--split=val|train|all), alone or under a launcher. docs/MONITORING.md"""
+    from forge_ds.evaluate import evaluate_checkpoint
+    from forge_ds.metrics import configure_console
+
+    data_overrides = {}
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if section != "data" or not field:
+            raise ForgeError(f"forge-ds evaluate: unknown option --{key}; it takes --batch_size, --max_batches, "
+                             "--split, --device and --data.<field> (e.g. --data.source=held_out.txt)")
+        data_overrides[field] = value
+    env = distributed.detect(local_rank)
+    configure_console(env.rank)
+    if env.world_size > 1:
+        from forge_ds.evaluate import resolve_device
+
+        distributed.init(resolve_device(device))
+    try:
+        evaluate_checkpoint(path, batch_size, max_batches, split, device, data_overrides)
+    finally:
+        distributed.shutdown()
+
+
+def sample(path: str, prompt: str = "", max_new_tokens: int = 50, temperature: float = 0.8, top_k: int = 50,
+           seed: Optional[int] = None, device: str = "auto") -> None:
+    """Generate text with the full model of a run or checkpoint folder and the run's tokenizer (a quick sanity
+    check): --prompt="..." --max_new_tokens=50 --temperature=0.8 --top_k=50 [--seed=N]."""
+    from forge_ds.evaluate import sample_checkpoint
+
+    text, used_seed = sample_checkpoint(path, prompt, max_new_tokens, temperature, top_k, seed, device)
+    print(f"(seed {used_seed})", file=sys.stderr)
+    print(text, flush=True)
+
+
+def convert_universal(checkpoint_dir: str, workers: int = 1) -> None:
+    """Convert a ZeRO-1/2/3 checkpoint folder into DeepSpeed's universal format (`<folder>_universal/` beside it,
+    plus `latest_universal`), offline. `train --resume` does this itself when the world size changed."""
+    from forge_ds import checkpoint, universal
+
+    ckpt = checkpoint.validate_checkpoint_dir(Path(checkpoint_dir).resolve())
+    checkpoint.verify_manifest(ckpt)
+    out = universal.convert(ckpt, workers=int(workers))
+    print(f"converted {ckpt.name} -> {out}")
+
+
+COMMANDS = {"train": train, "prepare": prepare, "check": check, "export": export, "verify": verify, "bench": bench,
+            "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     from forge_ds.train import TrainingDiverged
 
+    argv = list(argv if argv is not None else sys.argv[1:])
     try:
-        fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="forge-ds")
+        if argv[:1] == ["bench"]:
+            return _run_bench(argv[1:])
+        fire.Fire(COMMANDS, command=argv, name="forge-ds")
     except ForgeError as e:
-        if distributed.rank_hint()[0] == 0:
-            print(f"forge-ds: error: {e}", file=sys.stderr, flush=True)
+        if distributed.rank_hint()[0] == 0:  # under a launcher the other ranks hit the same error: one line, not N
+            one_line = " ".join(part.strip() for part in str(e).splitlines())  # a quoted OS message may hold \n
+            print(f"forge-ds: error: {one_line}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except TrainingDiverged as e:
         print(f"forge-ds: error: rank {distributed.rank_hint()[0]}: {e}", file=sys.stderr, flush=True)

@@ -95,6 +95,9 @@ class Config(_Section):
         if m.vocab_size <= 4:
             raise ValueError(f"model.vocab_size={m.vocab_size} leaves no room beside the 4 special tokens "
                              "(<pad> <unk> <bos> <eos>); use at least 260 for byte-level BPE")
+        if m.vocab_size < 260 and d.tokenizer is None:  # checked here, not after data loading, to fail in seconds
+            raise ValueError(f"model.vocab_size={m.vocab_size} is too small for the byte-level BPE forge_ds trains "
+                             "(256 byte symbols + 4 special tokens); use at least 260, or give --data.tokenizer")
         if m.vocab_size > 65536:
             raise ValueError(f"model.vocab_size={m.vocab_size} does not fit the uint16 token files (max 65536)")
         if t.max_steps is not None and t.max_steps < 1:

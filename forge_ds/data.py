@@ -158,6 +158,9 @@ def _read_source(source: str, text_field: str) -> tuple[list[str], list[bool]]:
     # when it contains U+FFFD and comes from a file that failed strict decoding (a literal U+FFFD in such a file
     # is over-counted; harmless for a warning).
     files = _txt_files(path) if kind == "txt_dir" else [path]
+    if all(p.stat().st_size == 0 for p in files):  # the loaders would fail on it with an unrelated-looking error
+        raise ForgeError(f"data source {source!r} is empty (0 bytes{' in every .txt file' if len(files) > 1 else ''}); "
+                         "put text in it or point --data.source elsewhere")
     bad_files = {p for p in files if not _is_utf8(p)}
     # datasets hands raw bytes to pyarrow when encoding == "utf-8" exactly and ignores encoding_errors there; the
     # codec alias "utf_8" routes through Python's decoder, which honours errors="replace".
@@ -237,7 +240,7 @@ def load_tokenizer(path: str, vocab_size: int) -> tokenizers.Tokenizer:
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids != list(range(len(SPECIAL_TOKENS))):
         raise ForgeError(f"tokenizer {str(path)!r} has special ids {dict(zip(SPECIAL_TOKENS, ids))}, expected "
-                         "<pad>=0 <unk>=1 <bos>=2 <eos>=3; retrain it with forge_ds or omit --data.tokenizer_path")
+                         "<pad>=0 <unk>=1 <bos>=2 <eos>=3; retrain it with forge_ds or omit --data.tokenizer")
     if tok.get_vocab_size() > vocab_size:
         raise ForgeError(f"tokenizer {str(path)!r} has {tok.get_vocab_size()} tokens, more than vocab_size="
                          f"{vocab_size}; raise --model.vocab_size or use a smaller tokenizer")
@@ -339,15 +342,19 @@ def prepare(source, *, vocab_size, text_field="text", val_fraction=0.1, split_se
     if (out / "meta.json").exists():
         meta = read_meta(out)
         if meta["source_identity"] != json.loads(json.dumps(ident)):
+            now = json.loads(json.dumps(ident))
+            differ = sorted(k for k in now.keys() | meta["source_identity"].keys()
+                            if now.get(k) != meta["source_identity"].get(k))
             raise ForgeError(f"prepared dir {str(out)!r} was made from different data or settings "
-                             f"({meta['source']!r}); delete it or pick another --data.prepared_dir")
+                             f"({meta['source']!r}; differs in {', '.join(differ)}); delete it or pick another "
+                             "--data.prepared_dir")
         return out
 
+    given = load_tokenizer(tokenizer_path, vocab_size) if tokenizer_path else None  # checked before reading a corpus
     docs = load_documents(source, text_field, min_article_length, max_articles)
     train_docs, val_docs = split_documents(docs, val_fraction, split_seed)
     # Trained on the training documents only, so validation text never shapes the vocabulary.
-    tok = (load_tokenizer(tokenizer_path, vocab_size) if tokenizer_path
-           else train_tokenizer(train_docs, vocab_size, show_progress))
+    tok = given if given is not None else train_tokenizer(train_docs, vocab_size, show_progress)
     assert tok.get_vocab_size() <= 65536, "ids must fit uint16"  # guaranteed by train/load checks above
 
     out.mkdir(parents=True, exist_ok=True)

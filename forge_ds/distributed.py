@@ -22,8 +22,9 @@ import torch.distributed as torch_dist
 
 # A collective may legitimately wait this long before training starts (rank 0 tokenizing a corpus, or
 # consolidating an export while the others wait); once steps run, a missing peer means it died.
+# FORGE_DS_TRAINING_TIMEOUT_S exists so tests can prove both without waiting 45 s; users need not touch it.
 SETUP_TIMEOUT = dt.timedelta(minutes=60)
-TRAINING_TIMEOUT = dt.timedelta(seconds=45)
+TRAINING_TIMEOUT = dt.timedelta(seconds=float(os.environ.get("FORGE_DS_TRAINING_TIMEOUT_S", "45")))
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,30 @@ def init(device: str) -> None:
                                timeout=SETUP_TIMEOUT, verbose=False)
 
 
+_timeout = SETUP_TIMEOUT  # what set_timeout last applied (init starts every group with SETUP_TIMEOUT)
+
+
+def current_timeout() -> dt.timedelta:
+    return _timeout
+
+
 def set_timeout(timeout: dt.timedelta) -> None:
-    """Change the default group's collective timeout: short while steps run (a silent peer is a dead peer),
-    long around set-up, saves and exports (rank 0 may legitimately keep the others waiting)."""
+    """Change every group's collective timeout: short while steps run (a silent peer is a dead peer), long
+    around set-up, saves and exports (rank 0 may legitimately keep the others waiting)."""
+    global _timeout
+    _timeout = timeout
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        # Every group, not just the default one: ZeRO reduces gradients on its own data-parallel group (a
+        # clone of WORLD with torch's 30-minute default), so a dead peer mid-backward would otherwise hang there.
         try:
-            torch_dist.distributed_c10d._set_pg_timeout(timeout)
-        except (AttributeError, RuntimeError, ValueError):
-            pass  # older torch: keep the long timeout; the launchers still kill the job when a rank dies
+            groups = list(torch_dist.distributed_c10d._world.pg_map) or [None]
+        except AttributeError:
+            groups = [None]
+        for group in groups:
+            try:
+                torch_dist.distributed_c10d._set_pg_timeout(timeout, group)
+            except (AttributeError, RuntimeError, ValueError):
+                pass  # older torch, or a group this rank is not in: the launchers still kill a job whose rank died
 
 
 def rank() -> int:
@@ -128,6 +145,15 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_object(obj: Any) -> list:
+    """Every rank's value, in rank order, on every rank (collective)."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
@@ -197,13 +223,16 @@ def requeue_slurm_job(env: Env) -> bool:
 
 # --- test-only fault points ---------------------------------------------------------------------------------------
 
-def fault_point(name: str) -> None:
-    """FORGE_DS_FAULT=<name>:<action>[:<rank>] makes a real process misbehave at a chosen moment, for tests:
-    action `kill` SIGKILLs this process, `raise` raises RuntimeError, `sleep<N>` pauses N seconds."""
+def fault_point(name: str, step: Optional[int] = None) -> None:
+    """FORGE_DS_FAULT=<name>[@<step>]:<action>[:<rank>][,...] makes a real process misbehave at a chosen moment,
+    for tests: action `kill` SIGKILLs this process, `raise` raises RuntimeError, `sleep<N>` pauses N seconds,
+    `fsize<N>` caps the size of any file this process writes from now on at N bytes (a bigger write fails with
+    EFBIG, as on a full disk). `@<step>` fires only where the caller passes that step."""
     spec = os.environ.get("FORGE_DS_FAULT", "")
     for item in filter(None, spec.split(",")):
         parts = item.split(":")
-        if parts[0] != name or (len(parts) > 2 and int(parts[2]) != rank()):
+        point, _, at = parts[0].partition("@")
+        if point != name or len(parts) < 2 or (at and int(at) != step) or (len(parts) > 2 and int(parts[2]) != rank()):
             continue
         action = parts[1]
         if action == "kill":
@@ -214,6 +243,11 @@ def fault_point(name: str) -> None:
             raise RuntimeError(f"fault point {name}: injected failure")
         elif action.startswith("sleep"):
             time.sleep(float(action[5:]))
+        elif action.startswith("fsize"):
+            import resource
+
+            # CPython ignores SIGXFSZ, so the write itself fails (OSError EFBIG) instead of the process dying.
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(action[5:]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def fault_value(name: str) -> Optional[str]:
@@ -250,6 +284,9 @@ def environment_report(env: Env, hosts: list[str]) -> str:
 def gather_hostnames() -> list[str]:
     """Collective: every rank must call it."""
     name = socket.gethostname()
+    node = os.environ.get("SLURMD_NODENAME")
+    if node and node != name.split(".")[0]:  # several slurmd on one host (the test cluster): say which node
+        name = f"{name}({node})"
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return [name]
     out: list = [None] * torch_dist.get_world_size()

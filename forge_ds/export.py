@@ -3,7 +3,8 @@
 Writes `shared_components.pt` (plain fp32 tensors, exactly the contract's keys, in its order),
 `shared_components.safetensors` (same tensors) and `shared_components.json` (metadata + sha256 of both).
 Sources: a live engine at any ZeRO stage (fp32 master weights, gathered one parameter at a time, the dummy
-experts never touched) or a checkpoint folder (DeepSpeed's own zero_to_fp32 reader, lazily, shared keys only).
+experts never touched) or a checkpoint folder (shards.py: zero_to_fp32's layout, read one shared tensor at a time
+from the memory-mapped shards).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -71,35 +73,32 @@ def gather_live(engine, n_layers: int, max_seq_len: int, d_model: int, frozen: d
 
 def gather_from_checkpoint(ckpt: Path, n_layers: int, max_seq_len: int, d_model: int,
                            frozen: dict[str, torch.Tensor], zero_stage: int) -> dict:
-    """Offline, one process: DeepSpeed's zero_to_fp32 reconstruction in lazy mode, materialising shared keys only."""
+    """Offline, one process: zero_to_fp32's reconstruction, streamed (forge_ds.shards), shared keys only."""
     if zero_stage == 0:
         return _gather_stage0(ckpt, n_layers, max_seq_len, d_model, frozen)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from forge_ds.shards import ZeroShards
 
     try:
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
-    except (FileNotFoundError, ValueError, RuntimeError, EOFError) as e:
-        raise ForgeError(f"{ckpt}: cannot read the DeepSpeed shards ({type(e).__name__}: {e}); "
+        shards = ZeroShards(ckpt)
+        return _assemble(lambda key: shards.get(f"shared.{key}"), n_layers, max_seq_len, d_model, frozen)
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise ForgeError(f"{ckpt}: cannot read the DeepSpeed shards ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                          "the checkpoint is incomplete or damaged") from None
-
-    def get(key: str) -> torch.Tensor:
-        return lazy[f"shared.{key}"].contiguous().to(torch.float32).clone()
-
-    return _assemble(get, n_layers, max_seq_len, d_model, frozen)
 
 
 def _gather_stage0(ckpt, n_layers, max_seq_len, d_model, frozen) -> dict:
     path = ckpt / "mp_rank_00_model_states.pt"
     try:
-        # DeepSpeed's own file: it holds config objects besides tensors, so it needs a full unpickle. It is the
-        # file our own run wrote; we never point this at user-supplied exports.
-        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
-    except (OSError, EOFError, RuntimeError, KeyError) as e:
+        # DeepSpeed's own file, but only plain containers, tensors and numbers (checked on 0.19.8, fp32 and bf16),
+        # so the safe unpickler reads it: a checkpoint folder from elsewhere cannot run code here.
+        module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
         raise ForgeError(f"{path}: cannot read the ZeRO-0 model states ({type(e).__name__}); damaged checkpoint") from None
     if any(p.dtype != torch.float32 for p in module.values()):
-        for bf16_file in sorted(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-            raise ForgeError(f"{ckpt}: ZeRO-0 with bf16 keeps fp32 masters only in {bf16_file.name}; "
-                             "export from the live run instead (the end of training does this)")
+        # The module holds bf16 copies; exporting them would silently round the weights. The fp32 masters live
+        # in DeepSpeed's optimizer state, which only a live engine reads reliably.
+        raise ForgeError(f"{ckpt}: a ZeRO-0 bf16 checkpoint holds only bf16 module weights; the fp32 masters are "
+                         "exported at the end of training (or resume it and let it finish), not offline")
     return _assemble(lambda k: module[f"shared.{k}"].to(torch.float32).clone(), n_layers, max_seq_len, d_model, frozen)
 
 

@@ -1,20 +1,50 @@
 """What a user sees: TensorBoard scalars, the console (tqdm on a terminal, plain lines in log files), metrics.jsonl,
-the start block and the end-of-run summary. Rank 0 owns the one SummaryWriter; other ranks get a silent logger.
+the start block and the end-of-run summary. Rank 0 owns the one SummaryWriter (DeepSpeed's own TensorBoard monitor is
+refused by ds_config.py, so there is never a second writer); other ranks get a silent logger.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import psutil
 import torch
 
-# bf16 dense peak TFLOP/s per GPU, for MFU when --peak_tflops is not given.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# bf16 dense peak TFLOP/s per GPU, for MFU when --peak_tflops is not given. Matched by substring of the device
+# name, first hit wins: the PCIe H100 must come before the SXM entry its name also contains.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def configure_console(rank: int) -> None:
+    """Call once per process, before DeepSpeed is imported. Rank 0 speaks; every other rank prints only warnings
+    and errors, each prefixed with its rank (N ranks repeating rank 0's lines would bury the one that matters)."""
+    # DeepSpeed 0.19.8 calls these deprecated collectives on every ZeRO-3 step; nobody running us can act on it.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`"
+                            r" is deprecated", category=FutureWarning)
+    if rank == 0:
+        return
+    # Ordinary prints of other ranks (DeepSpeed's op builder, anything rank-unaware) repeat rank 0's; and
+    # DeepSpeed's logger binds sys.stdout when it is created, so this also routes it away until re-pointed below.
+    sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    from deepspeed.utils import logger as ds_logger
+
+    prefix = f"[rank {rank}] "
+    # A filter, not a level: the engine re-sets the level from the DS config's "log_level" after we return.
+    ds_logger.addFilter(lambda record: record.levelno >= logging.WARNING)
+    for handler in ds_logger.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+            handler.setFormatter(logging.Formatter(prefix + "[%(levelname)s] [%(filename)s:%(lineno)d] %(message)s"))
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda *args, **kwargs: prefix + plain(*args, **kwargs)
 
 
 def peak_flops(device: str, override_tflops: Optional[float]) -> Optional[float]:
@@ -52,11 +82,27 @@ class Metrics:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(tb_dir))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        # flush_secs: a watcher of a live run sees points within seconds, not torch's default two minutes.
+        # purge_step: on resume, TensorBoard hides what an interrupted run logged after the checkpoint we resume
+        # from, so a step is never drawn twice.
+        self.writer = SummaryWriter(log_dir=str(tb_dir), flush_secs=10,
+                                    purge_step=start_step + 1 if start_step else None)
+        self.jsonl = self._open_jsonl(run_dir / "metrics.jsonl", start_step)
         if terminal:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    @staticmethod
+    def _open_jsonl(path: Path, start_step: int):
+        """Append, but first drop lines an interrupted run logged after the checkpoint we resume from, so each
+        step appears once (the TensorBoard writer does the same with purge_step)."""
+        if path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        return open(path, "a", encoding="utf-8")
 
     def _scalars(self, step: int, values: dict) -> None:
         for tag, value in values.items():
@@ -107,10 +153,18 @@ class Metrics:
         if self.enabled:
             self.writer.add_text(tag, f"```\n{body}\n```", 0)
 
-    def hparams(self, hparams: dict, final_val_loss: Optional[float]) -> None:
-        if self.enabled and final_val_loss is not None:
-            flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self.writer.add_hparams(flat, {"hparam/val_loss": final_val_loss}, run_name="hparams")
+    def hparams(self, hparams: dict, final_val_loss: Optional[float], step: int) -> None:
+        """The hparams view's session, written by our one writer: SummaryWriter.add_hparams would open a second
+        event file in a sub-run, and the HParams dashboard reads the metric from this run's scalars anyway."""
+        if not (self.enabled and final_val_loss is not None):
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        metric = {"hparam/val_loss": final_val_loss}
+        for summary in hparams_summaries(flat, metric):
+            self.writer.file_writer.add_summary(summary, step)
+        self.writer.add_scalar("hparam/val_loss", final_val_loss, step)
 
     def summary(self, run_dir: Path, extra: dict) -> dict:
         """End of run: JSON in the run directory and a short console block (rank 0)."""

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from forge_ds import checkpoint, data, distributed, ds_config, export
+from forge_ds import checkpoint, data, distributed, ds_config, export, universal
 from forge_ds.config import Config, modularforge_yaml, to_yaml
 from forge_ds.errors import ForgeError
 from forge_ds.metrics import Metrics, flops_per_token, peak_flops
@@ -125,29 +126,45 @@ def on_main(fn):
 
 def prepare_data(cfg: Config, show_progress: bool = True) -> Path:
     d = cfg.data
-    return data.prepare(d.source, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
-                        val_fraction=d.val_fraction, split_seed=d.split_seed, tokenizer_path=d.tokenizer,
-                        min_article_length=d.min_article_length, max_articles=d.max_articles,
-                        prepared_dir=d.prepared_dir, num_proc=max(1, cfg.training.num_workers),
-                        show_progress=show_progress)
+    distributed.fault_point("prepare_data")  # tests: a slow rank 0 while the others wait
+    prepared = data.prepare(d.source, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
+                            val_fraction=d.val_fraction, split_seed=d.split_seed, tokenizer_path=d.tokenizer,
+                            min_article_length=d.min_article_length, max_articles=d.max_articles,
+                            prepared_dir=d.prepared_dir, num_proc=max(1, cfg.training.num_workers),
+                            show_progress=show_progress)
+    bad = data.read_meta(prepared).get("non_utf8_documents", 0)
+    if bad:  # printed on every run that uses these files, not only the one that made them
+        print(f"forge-ds: warning: {bad} document(s) of {d.source} held bytes that are not UTF-8, replaced by "
+              f"U+FFFD (counted as non_utf8_documents in {Path(prepared).resolve() / 'meta.json'})",
+              file=sys.stderr, flush=True)
+    return prepared
 
 
-def build_model(cfg: Config, init_from: Optional[str]) -> SharedTrainingModel:
+def load_init_from(cfg: Config, init_from: str) -> dict:
+    """The tensors of an --init_from export, checked against the model config (called before any data work, so a
+    wrong export fails in seconds, not after tokenisation)."""
+    m = cfg.model
+    path = Path(init_from).resolve()
+    state = export.load_export(path)
+    vocab, d, seq, layers = export.infer_shape(state)
+    if (vocab, d, seq, layers) != (m.vocab_size, m.d_model, m.max_seq_len, m.n_layers):
+        raise ForgeError(f"--init_from={path}: export has vocab {vocab}, d_model {d}, max_seq_len {seq}, "
+                         f"n_layers {layers}; the config has {m.vocab_size}, {m.d_model}, {m.max_seq_len}, "
+                         f"{m.n_layers}; make the model section match the export")
+    problems = export.verify(path, n_heads=m.n_heads)
+    if problems:
+        raise ForgeError(f"--init_from={path}: not a valid shared export: {problems[0]}")
+    return state
+
+
+def build_model(cfg: Config, init_state: Optional[dict]) -> SharedTrainingModel:
+    """The Phase-1 model, initialised by the recipe, then overwritten by `init_state` (from load_init_from)."""
     m = cfg.model
     model = SharedTrainingModel(m.vocab_size, m.d_model, m.n_heads, m.n_layers, m.d_ff, m.max_seq_len, m.dropout,
                                 activation_checkpointing=cfg.training.activation_checkpointing)
     initialize(model, cfg.training.recipe, cfg.training.seed)
-    if init_from:
-        state = export.load_export(Path(init_from))
-        vocab, d, seq, layers = export.infer_shape(state)
-        if (vocab, d, seq, layers) != (m.vocab_size, m.d_model, m.max_seq_len, m.n_layers):
-            raise ForgeError(f"--init_from={init_from}: export has vocab {vocab}, d_model {d}, max_seq_len {seq}, "
-                             f"n_layers {layers}; the config has {m.vocab_size}, {m.d_model}, {m.max_seq_len}, "
-                             f"{m.n_layers}; make the model section match the export")
-        problems = export.verify(Path(init_from), n_heads=m.n_heads)
-        if problems:
-            raise ForgeError(f"--init_from={init_from}: not a valid shared export: {problems[0]}")
-        model.shared.load_state_dict(state, strict=True)
+    if init_state is not None:
+        model.shared.load_state_dict(init_state, strict=True)
     return model
 
 
@@ -162,33 +179,52 @@ def lr_lambda(total_steps: int, warmup: int):
 
 @contextmanager
 def long_wait():
-    """Saves, evaluation and export may keep some ranks waiting longer than a training step's timeout."""
+    """Saves, evaluation and export may keep some ranks waiting longer than a training step's timeout. Restores
+    the timeout it found: during set-up (a resume's load) that is still the long one."""
+    previous = distributed.current_timeout()
     distributed.set_timeout(distributed.SETUP_TIMEOUT)
     try:
         yield
     finally:
-        distributed.set_timeout(distributed.TRAINING_TIMEOUT)
+        distributed.set_timeout(previous)
 
 
-def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str]) -> Run:
-    import deepspeed
-
+def preflight(cfg: Config, opts: RunOptions, world_size: int) -> tuple[str, str, dict, Optional[dict]]:
+    """Every check that needs no other rank and no data: device, precision, DeepSpeed config, flag conflicts,
+    --init_from. Returns (device, precision, resolved DS config, init_from tensors). `forge-ds check` runs this
+    same function, so both commands fail with the same message."""
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
     t = cfg.training
     ds_source = ds_config.find_ds_config(opts.deepspeed_config)
     ds = ds_config.resolve_ds_config(
         ds_config.load_ds_config(opts.deepspeed_config), micro_batch=t.batch_size,
-        grad_accum=t.gradient_accumulation_steps, world_size=env.world_size, max_grad_norm=t.max_grad_norm,
+        grad_accum=t.gradient_accumulation_steps, world_size=world_size, max_grad_norm=t.max_grad_norm,
         lr=t.learning_rate, weight_decay=t.weight_decay, precision=precision, device=device, source=str(ds_source))
     if opts.init_from and opts.resume:
         raise ForgeError("--init_from starts a new run from an export; it cannot be combined with --resume")
+    if t.compile and ds_config.zero_stage(ds) == 3:
+        # Measured with DeepSpeed 0.19.8 / torch 2.13: ZeRO-3 gathers and re-partitions parameters around each
+        # module, so every call sees new shapes, dynamo recompiles until its limit and falls back to eager.
+        raise ForgeError(f"training.compile=true does not work with ZeRO-3 ({ds_source.name}): the partitioned "
+                         "parameters change shape between calls and torch.compile recompiles every layer; use "
+                         "ZeRO-0/1/2 with compile, or --training.compile=false")
+    init_state = load_init_from(cfg, opts.init_from) if opts.init_from else None
+    return device, precision, ds, init_state
+
+
+def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str]) -> Run:
+    import deepspeed
+
+    device, precision, ds, init_state = preflight(cfg, opts, env.world_size)
+    t = cfg.training
     distributed.init(device)
     run_dir = resolve_run_dir(opts, env)
     check_run_dir(run_dir, opts)
     resume_from = checkpoint.find_resume_target(run_dir, opts.resume) if opts.resume else None
     if resume_from is not None:
         notes += checkpoint.compare_configs(checkpoint.saved_config(resume_from), cfg, opts.allow_schedule_change)
+        on_main(lambda: checkpoint.verify_manifest(resume_from))
 
     prepared = on_main(lambda: prepare_data(cfg))
     meta = data.read_meta(prepared)
@@ -201,8 +237,11 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
         raise ForgeError(f"the training split has {len(train_windows)} windows, fewer than one global batch of "
                          f"{sampler.global_batch}; lower --training.batch_size or add text")
     total_steps = t.max_steps or t.epochs_shared * sampler.steps_per_epoch
+    saved, load_from = plan_resume(resume_from, env, ds, sampler, meta, notes) if resume_from else (None, None)
 
-    model = build_model(cfg, opts.init_from)
+    model = build_model(cfg, init_state)
+    # Counted before deepspeed.initialize: ZeRO-3 replaces each parameter by an empty placeholder (numel 0).
+    shared_params, temp_params = model.shared_parameter_count(), model.temp_parameter_count()
     frozen = {name: p.detach().clone() for name, p in model.shared.named_parameters() if not p.requires_grad}
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=optimizer_groups(model, t.recipe, t.weight_decay), config=ds,
@@ -214,18 +253,11 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
                                   zero_stage=ds_config.zero_stage(ds), precision=precision,
                                   tokenizer_sha256=meta["tokenizer_sha256"])
     if resume_from is not None:
-        saved = checkpoint.read_state(resume_from)
-        if saved.world_size != env.world_size:
-            raise ForgeError(f"{resume_from} was saved on {saved.world_size} ranks, this job has {env.world_size}; "
-                             f"convert it first: forge-ds convert-universal {resume_from}")
-        if saved.tokenizer_sha256 != meta["tokenizer_sha256"]:
-            raise ForgeError(f"{resume_from} was trained with another tokenizer (sha256 {saved.tokenizer_sha256[:12]}"
-                             f"… vs {meta['tokenizer_sha256'][:12]}…); resume with the original data settings")
-        if saved.global_batch != sampler.global_batch:
-            raise ForgeError(f"resume: global batch {saved.global_batch} -> {sampler.global_batch}; keep "
-                             "batch_size x gradient_accumulation_steps x ranks equal to resume")
         with long_wait():
-            engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
+            if load_from != resume_from:
+                universal.load(engine, load_from, saved.world_size, env.world_size)
+            else:
+                engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
         state = dataclasses.replace(saved, world_size=env.world_size)
         frozen = checkpoint.read_frozen(resume_from)
 
@@ -233,7 +265,7 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
     if env.is_main:
         _write_run_files(run_dir, cfg, ds, prepared, env, hosts, opts.overwrite and not opts.resume)
     distributed.barrier()
-    n_params = model.shared_parameter_count() + model.temp_parameter_count()
+    n_params = shared_params + temp_params
     metrics = Metrics(run_dir, Path(opts.tensorboard_dir or run_dir / "tensorboard"), env.is_main, total_steps,
                       state.step, t.log_every, tokens_per_step=sampler.global_batch * cfg.model.max_seq_len,
                       samples_per_step=sampler.global_batch,
@@ -246,10 +278,46 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
     if env.is_main:
         for note in notes:
             print(note, flush=True)
-        _print_start_block(run, model)
+        _print_start_block(run, shared_params, temp_params)
         metrics.text("config", to_yaml(cfg))
         metrics.text("ds_config", json.dumps(ds, indent=2))
     return run
+
+
+def plan_resume(resume_from: Path, env: distributed.Env, ds: dict, sampler: data.GlobalBatchSampler, meta: dict,
+                notes: list[str]) -> tuple[checkpoint.TrainState, Path]:
+    """Checks that need the saved state, before the engine exists. Returns (saved state, folder to load): the
+    checkpoint itself, or its universal copy when the world size changed (the engine must then be built with
+    load_universal, set here in `ds`)."""
+    saved = check_resume_state(resume_from, ds, sampler, meta)
+    if saved.world_size == env.world_size:
+        return saved, resume_from
+    if saved.zero_stage == 0:
+        notes.append(f"resume: world size {saved.world_size} -> {env.world_size} (ZeRO-0 keeps the optimizer "
+                     "state whole; loaded as saved)")
+        return saved, resume_from
+    load_from = on_main(lambda: universal.convert(resume_from))  # set-up's long timeout covers the others' wait
+    universal.enable(ds)
+    notes.append(f"resume: world size {saved.world_size} -> {env.world_size}: through DeepSpeed's universal "
+                 f"checkpoint {load_from}")
+    return saved, load_from
+
+
+def check_resume_state(resume_from: Path, ds: dict, sampler: data.GlobalBatchSampler,
+                       meta: dict) -> checkpoint.TrainState:
+    """The saved state, if this run can continue it (shared with `forge-ds check`)."""
+    saved = checkpoint.read_state(resume_from)
+    if saved.tokenizer_sha256 != meta["tokenizer_sha256"]:
+        raise ForgeError(f"{resume_from} was trained with another tokenizer (sha256 {saved.tokenizer_sha256[:12]}"
+                         f"… vs {meta['tokenizer_sha256'][:12]}…); resume with the original data settings")
+    # The data position is the step: with the global batch held, step s covers the same samples at any world size.
+    if saved.global_batch != sampler.global_batch:
+        raise ForgeError(f"resume: global batch {saved.global_batch} -> {sampler.global_batch}; keep "
+                         "batch_size x gradient_accumulation_steps x ranks equal to resume")
+    if saved.zero_stage != ds_config.zero_stage(ds):
+        raise ForgeError(f"{resume_from} was saved at ZeRO-{saved.zero_stage}, this run uses ZeRO-"
+                         f"{ds_config.zero_stage(ds)}; resume with --deepspeed_config=zero{saved.zero_stage}")
+    return saved
 
 
 def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, hosts, clear_old: bool) -> None:
@@ -267,13 +335,17 @@ def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, 
     shutil.copyfile(prepared / "tokenizer.json", run_dir / "tokenizer.json")
 
 
-def _print_start_block(run: Run, model: SharedTrainingModel) -> None:
+def tensorboard_dir(run: Run) -> Path:
+    return Path(run.opts.tensorboard_dir).resolve() if run.opts.tensorboard_dir else run.run_dir / "tensorboard"
+
+
+def _print_start_block(run: Run, shared_params: int, temp_params: int) -> None:
     c, s = run.cfg, run.sampler
     lines = [
         f"forge-ds train: {run.run_dir}",
         f"  model       d_model {c.model.d_model}, {c.model.n_layers} layers, {c.model.n_heads} heads, vocab "
-        f"{c.model.vocab_size}, T {c.model.max_seq_len}; parameters: shared {model.shared_parameter_count():,} "
-        f"(kept) + temporary experts {model.temp_parameter_count():,} (discarded)",
+        f"{c.model.vocab_size}, T {c.model.max_seq_len}; parameters: shared {shared_params:,} "
+        f"(kept) + temporary experts {temp_params:,} (discarded)",
         f"  engine      ZeRO-{ds_config.zero_stage(run.ds)}, {run.precision}, {run.device}, world size "
         f"{run.env.world_size} ({run.env.launcher}), recipe {c.training.recipe}",
         f"  batch       global {s.global_batch} = {c.training.batch_size} per rank x "
@@ -282,13 +354,31 @@ def _print_start_block(run: Run, model: SharedTrainingModel) -> None:
         f"  schedule    {run.total_steps} steps ({s.steps_per_epoch}/epoch), from step {run.state.step}"
         + (f" (resumed from {run.resumed_from.name})" if run.resumed_from else ""),
         f"  data        {c.data.source}: {run.meta['train_tokens']:,} train / {run.meta['val_tokens']:,} val tokens",
+        _inputs_line(run),
+        f"  outputs     checkpoints {run.run_dir / 'checkpoints'}, export {run.run_dir / (export.EXPORT_STEM + '.pt')}",
+        f"  logs        tensorboard --logdir {tensorboard_dir(run)}; {run.run_dir / 'metrics.jsonl'}",
     ]
     print("\n".join(lines), flush=True)
 
 
-def dropout_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """Re-seeding per (step, rank, micro-batch) makes a resumed run draw the uninterrupted run's masks."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + micro) % (2**63)
+def _inputs_line(run: Run) -> str:
+    """Every path the run reads, resolved: what a relative path in a config meant is visible in the log."""
+    d, o = run.cfg.data, run.opts
+    items = [f"corpus {run.meta.get('source_identity', {}).get('path') or d.source}",
+             f"prepared {Path(run.train_windows.bin_path).parent.resolve()}",
+             f"tokenizer {Path(d.tokenizer).resolve() if d.tokenizer else 'trained on the corpus'}",
+             f"deepspeed config {ds_config.find_ds_config(o.deepspeed_config).resolve()}"]
+    if o.init_from:
+        items.append(f"init_from {Path(o.init_from).resolve()}")
+    return "  inputs      " + ", ".join(items)
+
+
+def dropout_seed(seed: int, step: int, slot: int) -> int:
+    """Re-seeding per (step, micro-batch slot) makes a resumed run draw the uninterrupted run's masks. The slot is
+    the micro-batch's place in the global batch (micro * world_size + rank, the sampler's order), not the rank:
+    the same samples get the same masks at any world size, so a resume on another number of ranks continues
+    the uninterrupted run's dropout too (given the same per-rank batch_size)."""
+    return (seed * 1_000_003 + step * 7_919 + slot * 104_729) % (2**63)
 
 
 def get_batch(windows: data.TokenWindows, indices: list[int], device: str):
@@ -329,40 +419,56 @@ def fit(run: Run) -> str:
     stop_at = run.total_steps if not run.opts.stop_after_steps else min(run.total_steps,
                                                                           state.step + run.opts.stop_after_steps)
     nan_at = distributed.fault_value("nan_at_step")
-    distributed.install_stop_handlers()
-    distributed.set_timeout(distributed.TRAINING_TIMEOUT)
+    # The short collective timeout starts once this invocation's first step is through: that step's one-time work
+    # (compilation, lazy allocations) may keep one rank waiting for another.
+    first_step, overflow_run = state.step + 1, 0
     last_saved = state.step if run.resumed_from else None
     reason = "done"
+    # ZeRO-0 in fp32 steps torch's own AdamW, which keeps no gradient norm (get_global_grad_norm() is None there).
+    own_grad_norm, pre_clip_norm = state.zero_stage == 0 and run.precision == "fp32", None
     while state.step < stop_at:
         # 1. forward / backward over the accumulation micro-batches (DeepSpeed steps at the boundary)
-        started, loss_sum = time.perf_counter(), 0.0
+        started, loss_sum, skipped_before = time.perf_counter(), 0.0, getattr(engine, "skipped_steps", 0)
+        lr = engine.get_lr()[0]  # the rate this step applies; the scheduler moves on inside engine.step()
         for micro in range(ga):
-            torch.manual_seed(dropout_seed(t.seed, state.step, rank, micro))
+            torch.manual_seed(dropout_seed(t.seed, state.step, micro * run.env.world_size + rank))
             x, y = get_batch(run.train_windows, run.sampler.micro_indices(state.step, rank, micro), run.device)
             loss = engine(x, y)
+            distributed.fault_point("train_step", step=state.step + 1)  # tests: a rank dies or hangs mid-step
             if nan_at is not None and int(nan_at) == state.step + 1:
                 loss = loss * float("nan")
             engine.backward(loss)
+            if own_grad_norm and micro == ga - 1:
+                pre_clip_norm = grad_norm_of(engine.module)  # all-reduced by backward(), not yet clipped by step()
             engine.step()
             loss_sum += loss.item()
         # 2. agree across ranks: mean loss, divergence, stop signals (one collective)
         total, stop_flag = distributed.all_reduce([loss_sum / ga, float(distributed.local_stop_requested())])
         train_loss = total / run.env.world_size
         state.step += 1
+        if state.step == first_step:
+            distributed.set_timeout(distributed.TRAINING_TIMEOUT)
         state.samples_consumed += run.sampler.global_batch
         state.tokens_seen += run.sampler.global_batch * cfg.model.max_seq_len
         grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        grad_norm = float(grad_norm) if grad_norm is not None else pre_clip_norm
         if not math.isfinite(train_loss) or (grad_norm is not None and not math.isfinite(grad_norm)
                                              and run.precision != "fp16"):
             raise TrainingDiverged(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at "
-                                   f"step {state.step}; last good checkpoint: "
-                                   f"{checkpoint.complete_checkpoints(ckpt_root)[-1:] or 'none'}")
+                                   f"step {state.step}; {_last_good(run)}")
+        # fp16: DeepSpeed skips a step whose scaled gradients overflowed and lowers the loss scale; now and then
+        # that is normal, many in a row is divergence.
+        overflow_run = overflow_run + 1 if getattr(engine, "skipped_steps", 0) > skipped_before else 0
+        if overflow_run > t.max_skipped_steps:
+            raise TrainingDiverged(f"fp16: {overflow_run} steps in a row skipped for gradient overflow, the last at "
+                                   f"step {state.step} (training.max_skipped_steps={t.max_skipped_steps}); "
+                                   f"{_last_good(run)}")
         state.last_train_loss = train_loss
         # 3. log
-        run.metrics.train_step(state.step, train_loss, engine.get_lr()[0], grad_norm,
+        run.metrics.train_step(state.step, train_loss, lr, grad_norm,
                                time.perf_counter() - started, state.step / run.sampler.steps_per_epoch,
                                loss_scale=_loss_scale(engine), skipped_steps=getattr(engine, "skipped_steps", None))
+        distributed.fault_point("after_step")  # tests: `after_step:sleep0.5` slows steps so a signal lands mid-run
         # 4. evaluate
         if state.step % t.eval_every == 0 and state.step < run.total_steps:
             _evaluate_and_track(run)
@@ -380,8 +486,25 @@ def fit(run: Run) -> str:
     return reason
 
 
+def _last_good(run: Run) -> str:
+    good = checkpoint.complete_checkpoints(run.run_dir / "checkpoints")
+    if not good:
+        return "no checkpoint was saved before it; lower --training.learning_rate and start again"
+    return (f"last good checkpoint {good[-1]} is kept; lower --training.learning_rate and resume from it "
+            f"(--resume --output_dir={run.run_dir})")
+
+
+def grad_norm_of(module: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients held in `module` (ZeRO-0: every rank holds the full, averaged gradients)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _loss_scale(engine) -> Optional[float]:
-    scale = getattr(getattr(engine, "optimizer", None), "cur_scale", None)
+    # ZeRO-1/2/3 optimizers expose both names; ZeRO-0's FP16_Optimizer only `loss_scale` (DeepSpeed 0.19.8).
+    optimizer = getattr(engine, "optimizer", None)
+    scale = getattr(optimizer, "loss_scale", None)
+    scale = scale if isinstance(scale, (int, float, torch.Tensor)) else getattr(optimizer, "cur_scale", None)
     return float(scale) if scale is not None else None
 
 
@@ -425,13 +548,16 @@ def finish(run: Run) -> dict:
             paths = export.write(weights, run.run_dir, export_metadata(run, val))
         distributed.barrier()
     summary = run.metrics.summary(run.run_dir, {
-        "final_train_loss": state.last_train_loss, "final_val_loss": val, "final_val_ppl": math.exp(min(val, 50)),
+        "final_train_loss": state.last_train_loss,
+        "final_train_ppl": math.exp(min(state.last_train_loss, 50)) if state.last_train_loss is not None else None,
+        "final_val_loss": val, "final_val_ppl": math.exp(min(val, 50)),
         "best_val_loss": state.best_val_loss, "best_step": state.best_step, "steps": state.step,
         "tokens_seen": state.tokens_seen, "export": str(paths.get("pt", run.run_dir / "shared_components.pt")),
-        "tensorboard": str(run.run_dir / "tensorboard"), "metrics": str(run.run_dir / "metrics.jsonl")})
+        "checkpoints": str(run.run_dir / "checkpoints"), "tensorboard": str(tensorboard_dir(run)),
+        "metrics": str(run.run_dir / "metrics.jsonl")})
     run.metrics.hparams({**{f"model.{k}": v for k, v in cfg.model.model_dump().items()},
                          **{f"training.{k}": v for k, v in cfg.training.model_dump().items()},
-                         "zero_stage": state.zero_stage, "world_size": run.env.world_size}, val)
+                         "zero_stage": state.zero_stage, "world_size": run.env.world_size}, val, state.step)
     return summary
 
 
@@ -452,6 +578,9 @@ def export_metadata(run: Run, val_loss: float) -> dict:
 
 def train(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str]) -> int:
     """The whole job. Returns the process exit code."""
+    # Before setup: a SLURM preemption signal that lands while ranks start up is then honoured at the first
+    # step (checkpoint + requeue) instead of killing the job with USR1's default action.
+    distributed.install_stop_handlers()
     run = setup(cfg, opts, env, notes)
     try:
         reason = fit(run)
