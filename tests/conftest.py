@@ -57,6 +57,8 @@ def base_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("SLURM_")}
+    # One intra-op thread per rank: two ranks on two cores otherwise oversubscribe and run ~10x slower.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
     env.update(extra or {})
