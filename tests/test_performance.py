@@ -1,0 +1,21 @@
+"""Speed options that are guarded rather than silently slow. Throughput itself is measured by benchmarks/bench.py
+(docs/PERFORMANCE.md), not asserted here: these machines are shared and timing tests would be noise."""
+
+from __future__ import annotations
+
+from conftest import TINY, forge
+
+
+def test_compile_with_zero3_is_a_one_line_user_error(tmp_path, repetitive_corpus):
+    # Under ZeRO-3 torch.compile recompiles every layer until dynamo's limit, then runs eager: refuse up front,
+    # before any engine is built, instead of a slow run full of recompile warnings.
+    result = forge(["train", *TINY, f"--data.source={repetitive_corpus}", f"--data.prepared_dir={tmp_path / 'p'}",
+                    "--training.compile=true", "--deepspeed_config=zero3", "--training.max_steps=2",
+                    "--training.eval_every=1", "--training.checkpoint_every=1", f"--output_dir={tmp_path / 'run'}"],
+                   cwd=tmp_path)
+    assert result.returncode == 2, result.output[-2000:]
+    errors = [l for l in result.stderr.splitlines() if l.startswith("forge-ds: error:")]
+    assert len(errors) == 1 and "training.compile" in errors[0] and "ZeRO-3" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run directory or data were touched
+    assert not (tmp_path / "p").exists()
