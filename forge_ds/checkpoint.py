@@ -13,7 +13,6 @@ A resume at another world size goes through DeepSpeed's universal checkpoint (un
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import torch
 from forge_ds import distributed
 from forge_ds.config import Config, load_saved, to_yaml
 from forge_ds.errors import ForgeError
+from forge_ds.files import sha256_file
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -80,18 +80,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
                    and is_complete(p)), key=lambda p: p.name)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(ckpt: Path) -> None:
     """Rank 0, after every rank's shards: a truncated or altered file is then named on resume/export instead of
     surfacing as an unpickling traceback from inside DeepSpeed."""
-    files = {str(f.relative_to(ckpt)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    files = {str(f.relative_to(ckpt)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name not in (MANIFEST, COMPLETE)}
     atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
 
@@ -114,7 +106,7 @@ def verify_manifest(ckpt: Path) -> None:
         if size != want["bytes"]:
             raise ForgeError(f"{ckpt}: {name} has {size} bytes, {want['bytes']} were written (truncated?); "
                              f"the checkpoint is damaged, {hint}")
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             raise ForgeError(f"{ckpt}: {name} differs from its sha256 in {MANIFEST} (altered); "
                              f"the checkpoint is damaged, {hint}")
 

@@ -28,6 +28,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 from forge_ds.errors import ForgeError
+from forge_ds.files import sha256_file
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]  # ids 0, 1, 2, 3 (contract)
 BOS_ID, EOS_ID = 2, 3
@@ -258,14 +259,6 @@ def _encode_batch(batch: dict, tokenizer: tokenizers.Tokenizer) -> dict:
 # ----------------------------------------------------------------------------------------------- prepare
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _stat(paths: list[Path], base: Path) -> list:
     # size + mtime instead of a content hash: cheap on big corpora; touching a file only costs a re-prepare.
     return [[str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
@@ -283,7 +276,7 @@ def source_identity(source, text_field, min_article_length, max_articles, vocab_
     ident = dict(format=FORMAT_VERSION, source=source, kind=kind, text_field=text_field,
                  min_article_length=min_article_length, max_articles=max_articles, vocab_size=vocab_size,
                  val_fraction=val_fraction, split_seed=split_seed,
-                 tokenizer_sha256=_sha256(Path(tokenizer_path)) if tokenizer_path else None)
+                 tokenizer_sha256=sha256_file(Path(tokenizer_path)) if tokenizer_path else None)
     if kind == "pydoc":
         ident["python"] = sys.version  # pydoc topics change between Python releases
     elif kind == "hf":
@@ -367,7 +360,7 @@ def prepare(source, *, vocab_size, text_field="text", val_fraction=0.1, split_se
     train_tokens = _write_tokens(train_docs, tok, out / "train.bin", num_proc, show_progress)
     val_tokens = _write_tokens(val_docs, tok, out / "val.bin", num_proc, show_progress)
 
-    meta = dict(source=source, source_identity=ident, tokenizer_sha256=_sha256(out / "tokenizer.json"),
+    meta = dict(source=source, source_identity=ident, tokenizer_sha256=sha256_file(out / "tokenizer.json"),
                 vocab_size=vocab_size, vocab_learned=tok.get_vocab_size(), dtype="uint16",
                 n_documents={"train": len(train_docs), "val": len(val_docs)}, train_tokens=train_tokens,
                 val_tokens=val_tokens, non_utf8_documents=docs.non_utf8_documents,
@@ -390,7 +383,7 @@ def read_meta(prepared: Path) -> dict:
         raise ForgeError(f"{str(prepared / 'meta.json')!r} is not valid JSON ({exc}); delete the directory "
                          "and prepare again") from exc
     tok_path = prepared / "tokenizer.json"
-    if not tok_path.exists() or _sha256(tok_path) != meta.get("tokenizer_sha256"):
+    if not tok_path.exists() or sha256_file(tok_path) != meta.get("tokenizer_sha256"):
         raise ForgeError(f"{str(tok_path)!r} is missing or differs from the tokenizer the token files were made "
                          "with (meta.json tokenizer_sha256); delete the directory and prepare again")
     return meta

@@ -24,6 +24,7 @@ import torch
 from forge_ds import checkpoint, data, distributed
 from forge_ds.config import Config
 from forge_ds.errors import ForgeError
+from forge_ds.files import sha256_file
 from forge_ds.model import SharedTrainingModel, sinusoidal_table
 
 SPLITS = ("val", "train", "all")
@@ -93,7 +94,7 @@ def load_run_tokenizer(ckpt: Path, cfg: Config, state: checkpoint.TrainState):
     if not path.is_file():
         raise ForgeError(f"{path}: missing; evaluate/sample need the run folder a checkpoint sits in "
                          "(runs/<name>/checkpoints/step-*), with its tokenizer.json")
-    if state.tokenizer_sha256 and data._sha256(path) != state.tokenizer_sha256:
+    if state.tokenizer_sha256 and sha256_file(path) != state.tokenizer_sha256:
         raise ForgeError(f"{path} differs from the tokenizer {ckpt.name} was trained with (sha256 in "
                          f"{checkpoint.STATE_FILE}); restore the run's tokenizer.json")
     return data.load_tokenizer(str(path), cfg.model.vocab_size), path
@@ -169,7 +170,7 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
     own_data = not data_overrides
     split = split or ("val" if cfg.data.source == run_source else "all")
     with tempfile.TemporaryDirectory(prefix="forge-ds-eval-") as tmp:
-        tokenizer_sha = state.tokenizer_sha256 or data._sha256(tok_path)
+        tokenizer_sha = state.tokenizer_sha256 or sha256_file(tok_path)
         bin_path = (_prepared_split(cfg, split, tokenizer_sha) if own_data and split != "all" else None) \
             or _tokenize(cfg, split, tok, Path(tmp) / f"{split}.bin")
         windows = data.TokenWindows(bin_path, cfg.model.max_seq_len)

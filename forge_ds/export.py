@@ -9,7 +9,6 @@ from the memory-mapped shards).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -20,18 +19,11 @@ import torch
 
 from forge_ds import distributed
 from forge_ds.errors import ForgeError
+from forge_ds.files import sha256_file
 from forge_ds.model import SharedComponents, contract_keys, sinusoidal_table
 
 EXPORT_STEM = "shared_components"
 TIED = ("lm_head.weight", "token_embedding.weight")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _frozen_keys(n_layers: int) -> list[str]:

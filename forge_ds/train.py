@@ -415,7 +415,7 @@ def evaluate(engine, windows: data.TokenWindows, batch_size: int, device: str, m
 def fit(run: Run) -> str:
     """The loop. Returns why it ended: "done", "budget" (--stop_after_steps) or "signal"."""
     engine, cfg, state, t = run.engine, run.cfg, run.state, run.cfg.training
-    rank, ga, ckpt_root = run.env.rank, t.gradient_accumulation_steps, run.run_dir / "checkpoints"
+    rank, ga = run.env.rank, t.gradient_accumulation_steps
     stop_at = run.total_steps if not run.opts.stop_after_steps else min(run.total_steps,
                                                                           state.step + run.opts.stop_after_steps)
     nan_at = distributed.fault_value("nan_at_step")

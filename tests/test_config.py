@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT, base_env
 from forge_ds import config as config_mod
-from forge_ds.config import Config, DataConfig, ModelConfig, TrainingConfig, resolve
+from forge_ds.config import DataConfig, ModelConfig, TrainingConfig, resolve
 from forge_ds.errors import ForgeError
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -26,7 +26,7 @@ import torch
 
 from conftest import ROOT, TINY, Result, base_env, forge, free_port, read_metrics, train_losses
 from forge_ds import config as config_mod
-from forge_ds.model import SharedComponents, contract_keys, sinusoidal_table
+from forge_ds.model import SharedComponents, contract_keys
 
 pytestmark = pytest.mark.multirank
 
