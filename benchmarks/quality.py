@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None, python_entry: tuple[str, ...] = ("-m", "
     prepared = prepared or next((workdir / "data" / "prepared").iterdir())
     lines = unigram_lines(prepared)
     counts = data_counts(prepared, 128, per_rank * args.ranks)
-    steps = [s for s in REPORT_STEPS if s <= args.steps]
+    steps = sorted({s for s in REPORT_STEPS if s <= args.steps} | {args.steps})
     report = {"benchmark": "quality", "tag": tag, "recipe": args.recipe, "schedule_steps": args.steps,
               "ranks": args.ranks, "zero_stage": args.zero, "per_rank_batch": per_rank, "extra_flags": extra,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
