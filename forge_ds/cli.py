@@ -15,7 +15,7 @@ import fire
 
 from forge_ds import config as config_mod
 from forge_ds import distributed
-from forge_ds.errors import ForgeError
+from forge_ds.errors import ForgeError, TrainingDiverged
 
 RUN_OPTIONS_HELP = """run options (not part of the saved config):
   --config=PATH|PRESET        a YAML/JSON config, a preset (modularforge, cpu_demo) or ModularForge's configs/default.yaml
@@ -249,8 +249,6 @@ COMMANDS = {"train": train, "prepare": prepare, "check": check, "export": export
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from forge_ds.train import TrainingDiverged
-
     argv = list(argv if argv is not None else sys.argv[1:])
     try:
         if argv[:1] == ["bench"]:

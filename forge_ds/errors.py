@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes.
+"""The project's two exception types: ForgeError for user mistakes, TrainingDiverged for a run that diverged.
 
 Raised anywhere a user's input is wrong (config, paths, data, resume target). The CLI catches it and prints
 `forge-ds: error: <message>` and exits 2; every other exception is a bug and keeps its traceback.
@@ -8,3 +8,8 @@ Write messages as one line: what was wrong, where, what to do.
 
 class ForgeError(Exception):
     """A user-facing error: bad input, not a bug."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient went non-finite; the last good checkpoint is kept. Here, not in train.py, so that the CLI
+    catches it without importing the training stack (data, tokenizers, DeepSpeed) for commands that never train."""

@@ -42,23 +42,29 @@ def _assemble(get, n_layers: int, max_seq_len: int, d_model: int, frozen: dict[s
         elif key in frozen:
             state[key] = frozen[key].detach().to(torch.float32).cpu().clone()
         else:
-            state[key] = get(key)
+            # detach: a tensor filled by copy_ from a partition that requires grad would be saved requiring it too
+            state[key] = get(key).detach()
     return state
 
 
 def gather_live(engine, n_layers: int, max_seq_len: int, d_model: int, frozen: dict[str, torch.Tensor]) -> dict:
     """Collective (every rank calls it in the same order). Reads each shared parameter's fp32 master copy; the
-    dummy experts are never gathered. Returns the dict on every rank (rank 0 writes it)."""
+    dummy experts are never gathered. Returns the dict on rank 0, which writes it; the other ranks take part in
+    each gather and drop the result (their dict holds empty placeholders), so they hold no copy of the weights."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    params = dict(engine.module.shared.named_parameters())
+    params, main = dict(engine.module.shared.named_parameters()), distributed.is_main()
 
     def get(key: str) -> torch.Tensor:
-        param = params[key]
-        full = safe_get_full_fp32_param(param)
+        full = safe_get_full_fp32_param(params[key])
+        if not main:
+            return torch.empty(0)
         if full is None:  # ZeRO-0 in fp32: the parameter itself is the master copy
-            full = param.detach()
-        return full.detach().to(torch.float32).cpu().clone()
+            return params[key].detach().to(torch.float32).cpu().clone()
+        out = full.detach().to(torch.float32).cpu()
+        # DeepSpeed gathers into a fresh buffer (.cpu() copies it again from an accelerator). Only a view into a
+        # larger one (ZeRO-3's padded gather on the CPU) needs a copy: torch.save would write the whole buffer.
+        return out if out.untyped_storage().nbytes() == out.numel() * out.element_size() else out.clone()
 
     return _assemble(get, n_layers, max_seq_len, d_model, frozen)
 
@@ -100,19 +106,38 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write(state: dict, out_dir: Path, metadata: dict) -> dict[str, Path]:
-    """Rank 0 only. Temporary names, then renames: a crash never leaves a half-written export in place."""
-    from safetensors.torch import save_file
+def _atomic_safetensors_save(state: dict, path: Path, metadata: dict[str, str]) -> None:
+    """What safetensors' `save_file` writes, byte for byte (8-byte little-endian header length, compact JSON header
+    padded with spaces to 8 bytes, the tensors end to end sorted by dtype then name: by name here, all fp32), but
+    streamed from `state`: save_file refuses the tied matrix's shared storage, and an untied copy to please it
+    would cost as much memory again as the embedding."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name in sorted(state):
+        tensor = state[name]
+        if tensor.dtype != torch.float32:
+            raise ForgeError(f"{name}: {tensor.dtype}; the export holds fp32 tensors only")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in sorted(state):
+            f.write(state[name].detach().contiguous().numpy())  # the tensor's own memory, no bytes copy
+    os.replace(tmp, path)
 
+
+def write(state: dict, out_dir: Path, metadata: dict) -> dict[str, Path]:
+    """Rank 0 only. Temporary names, then renames: a crash never leaves a half-written export in place. Nothing but
+    `state` is held while writing: the whole dict is torch.save's floor, and the export adds nothing to it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{EXPORT_STEM}.{ext}" for ext in ("pt", "safetensors", "json")}
     distributed.fault_point("export_before_write")
     _atomic_torch_save(state, paths["pt"])
-    # safetensors refuses shared storage, so the tied matrix is written twice there (equal values).
-    flat = {k: (v.clone() if k == TIED[0] else v).contiguous() for k, v in state.items()}
-    tmp = paths["safetensors"].with_name(f".{paths['safetensors'].name}.tmp-{os.getpid()}")
-    save_file(flat, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, paths["safetensors"])
+    # safetensors has no shared storage: the tied matrix is written twice there (equal values).
+    _atomic_safetensors_save(state, paths["safetensors"], {"format": "pt"})
     meta = dict(metadata)
     meta["sha256"] = {paths["pt"].name: sha256_file(paths["pt"]), paths["safetensors"].name: sha256_file(paths["safetensors"])}
     meta["keys"] = list(state)

@@ -3,14 +3,16 @@
 DeepSpeed's zero_to_fp32, even in lazy mode, loads every model-states file whole (at ZeRO-1/2 that is the full module)
 and at ZeRO-1/2 concatenates every rank's flat fp32 partition into one vector of all trainable parameters: the
 offline export of a few shared tensors then costs several times the whole model (benchmarks/export_memory.py).
-Here every file is memory-mapped and a parameter is copied out of the ranks' flat partitions slice by slice, so
-memory grows by the requested tensors plus the mapped pages they were read from. The layout rules are
-zero_to_fp32's; the tests compare the result with its reconstruction tensor by tensor.
+Here every file is memory-mapped and a parameter is copied out of the ranks' flat partitions in chunks, each
+chunk's mapped pages dropped from the process once copied, so memory grows by the requested tensors and a few MiB. The
+layout rules are zero_to_fp32's; the tests compare the result with its reconstruction tensor by tensor.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 import re
 from pathlib import Path
 
@@ -20,6 +22,9 @@ import torch
 OPTIMIZER_STATE_DICT, ZERO_STAGE, PARTITION_COUNT = "optimizer_state_dict", "zero_stage", "partition_count"
 PARAM_SHAPES, PARAM_ALIGNMENT_PADDINGS = "param_shapes", "param_alignment_paddings"
 ZERO12_GROUPS, ZERO3_GROUPS = "single_partition_of_fp32_groups", "fp32_flat_groups"
+# Elements per copy (1 MiB of fp32). The file pages resident at a time are a chunk plus what the kernel maps around
+# a fault (whole page-cache folios, up to 2 MiB each on ext4), whatever the tensor's size.
+CHUNK = 1 << 18
 
 
 def _natural(path: Path) -> list:
@@ -90,7 +95,7 @@ class ZeroShards:
                 flat = self.flats[rank][g]
                 lo, hi = max(offset, start), min(offset + numel, start + flat.numel())
                 if lo < hi:
-                    out[lo - offset:hi - offset].copy_(flat[lo - start:hi - start])
+                    _copy_mapped(out[lo - offset:hi - offset], flat[lo - start:hi - start])
                     copied += hi - lo
                 start += flat.numel()
             if copied != numel:
@@ -109,8 +114,44 @@ def _copy_span(groups: list[torch.Tensor], offset: int, dest: torch.Tensor) -> N
     for flat in groups:
         lo, hi = max(offset + filled, start), min(offset + dest.numel(), start + flat.numel())
         if lo < hi:
-            dest[lo - offset:hi - offset].copy_(flat[lo - start:hi - start])
+            _copy_mapped(dest[lo - offset:hi - offset], flat[lo - start:hi - start])
             filled = hi - offset
         start += flat.numel()
     if filled != dest.numel():
         raise ValueError(f"the flat partitions end before element {offset + dest.numel()}; damaged checkpoint?")
+
+
+def _copy_mapped(dest: torch.Tensor, src: torch.Tensor) -> None:
+    """dest.copy_(src) for a 1-D `src` in a memory-mapped checkpoint file, chunk by chunk, each chunk's file pages
+    released after its copy: read pages count in the process's RSS until unmapped, as much again as the tensors."""
+    for lo in range(0, src.numel(), CHUNK):
+        part = src[lo:lo + CHUNK]
+        dest[lo:lo + CHUNK].copy_(part)
+        _release(part)
+
+
+def _release(mapped: torch.Tensor) -> None:
+    """Drop the pages under `mapped` from this process. Only for views of torch.load(mmap=True) storages: those are
+    file mappings never written to, so MADV_DONTNEED keeps their content (a later read faults it back in from the
+    file); on anonymous memory it would zero the pages. Where madvise is missing the pages merely stay."""
+    if _MADVISE is None:
+        return
+    page = mmap.PAGESIZE
+    # Whole pages only: the page holding the start (still inside the mapping, which starts on a page) is dropped
+    # too, harmlessly; the partial page at the end is left for the next chunk, which starts inside it.
+    start = mapped.data_ptr() // page * page
+    end = (mapped.data_ptr() + mapped.numel() * mapped.element_size()) // page * page
+    if end > start:
+        _MADVISE(start, end - start, mmap.MADV_DONTNEED)
+
+
+def _libc_madvise():
+    if not hasattr(mmap, "MADV_DONTNEED"):  # Windows
+        return None
+    madvise = getattr(ctypes.CDLL(None), "madvise", None)
+    if madvise is not None:
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise
+
+
+_MADVISE = _libc_madvise()

@@ -21,13 +21,9 @@ import torch
 
 from forge_ds import checkpoint, data, distributed, ds_config, export, universal
 from forge_ds.config import Config, modularforge_yaml, to_yaml
-from forge_ds.errors import ForgeError
+from forge_ds.errors import ForgeError, TrainingDiverged
 from forge_ds.metrics import Metrics, flops_per_token, peak_flops
 from forge_ds.model import SharedTrainingModel, initialize, optimizer_groups
-
-
-class TrainingDiverged(RuntimeError):
-    """Loss or gradient went non-finite; the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass
@@ -110,18 +106,20 @@ def check_run_dir(run_dir: Path, opts: RunOptions) -> None:
                          "--overwrite to start over, or another --output_dir")
 
 
-def on_main(fn):
-    """Run `fn` on rank 0 only; the others wait, then all get its result or all raise its user error."""
-    outcome = None
+def on_main(fn, share: bool = True):
+    """Run `fn` on rank 0 only; the others wait, then all get its result or all raise its user error. With
+    share=False only rank 0 gets the result (the others None): nothing but the outcome is pickled and sent."""
+    outcome, result = None, None
     if distributed.is_main():
         try:
-            outcome = ("ok", fn())
+            result = fn()
+            outcome = ("ok", result if share else None)
         except ForgeError as e:
             outcome = ("error", str(e))
     outcome = distributed.broadcast_object(outcome)
     if outcome[0] == "error":
         raise ForgeError(outcome[1])
-    return outcome[1]
+    return outcome[1] if share else result
 
 
 def prepare_data(cfg: Config, show_progress: bool = True) -> Path:
@@ -539,8 +537,10 @@ def finish(run: Run) -> dict:
     with long_wait():
         if cfg.training.export == "best" and state.best_step != state.step:
             best = run.run_dir / "checkpoints" / checkpoint.tag_for(state.best_step)
+            # Only rank 0 writes: broadcasting the weights would pickle copies of them on every rank.
             weights = on_main(lambda: export.gather_from_checkpoint(
-                best, m.n_layers, m.max_seq_len, m.d_model, checkpoint.read_frozen(best), state.zero_stage))
+                best, m.n_layers, m.max_seq_len, m.d_model, checkpoint.read_frozen(best), state.zero_stage),
+                share=False)
         else:
             weights = export.gather_live(run.engine, m.n_layers, m.max_seq_len, m.d_model, run.frozen)
         paths = {}
@@ -562,7 +562,9 @@ def finish(run: Run) -> dict:
 
 
 def export_metadata(run: Run, val_loss: float) -> dict:
-    import importlib.metadata as md
+    import deepspeed
+
+    import forge_ds
 
     s = run.state
     return {"format": "modularforge.shared_components.v1", "model": run.cfg.model.model_dump(),
@@ -573,7 +575,9 @@ def export_metadata(run: Run, val_loss: float) -> dict:
             "final_val_loss": val_loss, "final_val_ppl": math.exp(min(val_loss, 50)),
             "best_val_loss": s.best_val_loss, "best_step": s.best_step, "zero_stage": s.zero_stage,
             "precision": s.precision, "world_size": run.env.world_size,
-            "versions": {p: md.version(p) for p in ("torch", "deepspeed", "forge_ds")}}
+            # Module attributes, not package metadata: a source checkout on PYTHONPATH has no metadata.
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "forge_ds": forge_ds.__version__}}
 
 
 def train(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str]) -> int:

@@ -308,6 +308,7 @@ def test_offline_export_equals_zero_to_fp32_on_the_shared_keys(runs, stage, tmp_
             assert torch.equal(tensor, sinusoidal_table(32, 32))
         else:
             assert tensor.dtype == torch.float32 and torch.equal(tensor, ref[f"shared.{key}"].float()), key
+            assert not tensor.requires_grad, f"{key}: the offline export must match the live one, no grad flag"
     assert got["lm_head.weight"].data_ptr() == got["token_embedding.weight"].data_ptr()  # the tie, restored
     live = load(straight.export)  # what the run itself exported from the live engine at the same step
     assert all(torch.equal(got[k], live[k]) for k in live)
@@ -315,6 +316,20 @@ def test_offline_export_equals_zero_to_fp32_on_the_shared_keys(runs, stage, tmp_
     assert meta["steps"] == 2 * N and meta["zero_stage"] == stage and set(meta["sha256"]) == {
         "shared_components.pt", "shared_components.safetensors"}
 
+
+
+def test_streamed_safetensors_equals_save_file_byte_for_byte(tmp_path):
+    """The export writes safetensors itself (save_file refuses the tie, an untied copy costs memory): same bytes."""
+    from safetensors.torch import save_file
+
+    from forge_ds.export import _atomic_safetensors_save
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"blocks.10.w": (3, 5), "blocks.2.w": (7,), "B": (), "a": (2, 0), "z": (4, 4)}  # order, scalar, empty
+    state = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    save_file(state, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    _atomic_safetensors_save(state, tmp_path / "ours.safetensors", {"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 # --- checksums -------------------------------------------------------------------------------------------------
 

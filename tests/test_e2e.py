@@ -130,7 +130,7 @@ def test_export_has_exactly_the_contract_keys_as_full_fp32_tensors(run):
     state = torch.load(run.export, map_location="cpu", weights_only=True)
     assert list(state) == contract_keys(LAYERS)
     for key, tensor in state.items():
-        assert tensor.dtype == torch.float32, key
+        assert tensor.dtype == torch.float32 and not tensor.requires_grad, key
         assert tensor.numel() > 0, f"{key} is empty (a ZeRO-3 placeholder)"
         assert torch.isfinite(tensor).all(), key
     assert state["token_embedding.weight"].shape == (VOCAB, D)
