@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,8 +92,23 @@ def init(device: str) -> None:
         return
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        os.environ.update(deepspeed_safe_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")))
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
                                timeout=SETUP_TIMEOUT, verbose=False)
+
+
+def deepspeed_safe_arch_list(arch_list: Optional[str]) -> dict[str, str]:
+    """TORCH_CUDA_ARCH_LIST without arch-specific suffixes ("9.0a" -> "9.0"), as an env update (empty if none).
+
+    DeepSpeed 0.19.8 parses each entry as numbers when it JIT-builds an op (FusedAdam on the first GPU run) and
+    dies on "9.0a", which CUDA images for Hopper/Blackwell set; the plain architecture builds the same op."""
+    if not arch_list:
+        return {}
+    entries = [e for e in arch_list.replace(";", " ").split() if e]
+    cleaned = [re.sub(r"^(\d+\.\d+)[af]", r"\1", e) for e in entries]
+    if cleaned == entries:
+        return {}
+    return {"TORCH_CUDA_ARCH_LIST": ";".join(dict.fromkeys(cleaned))}
 
 
 _timeout = SETUP_TIMEOUT  # what set_timeout last applied (init starts every group with SETUP_TIMEOUT)
@@ -267,8 +283,10 @@ def environment_report(env: Env, hosts: list[str]) -> str:
     for pkg in ("torch", "deepspeed", "datasets", "tokenizers", "tensorboard", "fire", "forge_ds"):
         try:
             lines.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            lines.append(f"{pkg} not installed")
+        except md.PackageNotFoundError:  # forge_ds run from a source checkout on PYTHONPATH
+            from forge_ds import __version__
+
+            lines.append(f"{pkg} not installed" if pkg != "forge_ds" else f"forge_ds {__version__} (source)")
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip()

@@ -161,4 +161,14 @@ def resolve_ds_config(ds: dict, *, micro_batch: int, grad_accum: int, world_size
         key = bf16_key if name == "bf16" else name
         _fill(sec, "enabled", precision == name, where=f"{key}.enabled", field="training.precision",
               shown=precision, flag="--training.precision", **common)
+    # bf16 has no loss scale to back off, and the loop stops on a non-finite loss or gradient norm by itself, so
+    # DeepSpeed's per-gradient inf/NaN scan (on by default) only costs: ~6 small kernels per parameter tensor and
+    # a host sync every step; on an H100 that was ~16 ms of host time per GPT-2-small step (docs/PERFORMANCE.md).
+    if secs["bf16"].get("check_grad_overflow", "auto") == "auto":
+        secs["bf16"]["check_grad_overflow"] = False
+
+    # overlap_comm overlaps gradient reduction with backward across ranks; alone there is nothing to overlap and
+    # its double buffers and stream syncs are pure host cost.
+    if isinstance(zero, dict) and zero.get("overlap_comm") == "auto":
+        zero["overlap_comm"] = world_size > 1
     return ds

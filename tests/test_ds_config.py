@@ -94,11 +94,29 @@ def test_torch_adam_choice():
     assert resolve(off, device="cpu")["optimizer"]["params"]["torch_adam"] is False
 
 
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_overlap_comm_only_with_something_to_overlap(name):
+    assert resolve(load_ds_config(name), world_size=2)["zero_optimization"]["overlap_comm"] is True
+    assert resolve(load_ds_config(name), world_size=1, micro_batch=4, grad_accum=3)["zero_optimization"][
+        "overlap_comm"] is False
+    explicit = load_ds_config(name)
+    explicit["zero_optimization"]["overlap_comm"] = True  # a user's explicit choice is kept
+    assert resolve(explicit, world_size=1)["zero_optimization"]["overlap_comm"] is True
+
+
+def test_bf16_gradient_scan_off_unless_asked_for():
+    """The loop itself stops on a non-finite loss or gradient norm; DeepSpeed's per-gradient scan is only cost."""
+    assert resolve(base())["bf16"]["check_grad_overflow"] is False
+    asked = base()
+    asked["bf16"]["check_grad_overflow"] = True
+    assert resolve(asked)["bf16"]["check_grad_overflow"] is True
+
+
 def test_missing_precision_sections_added():
     ds = base()
     del ds["bf16"], ds["fp16"]
     out = resolve(ds, precision="bf16")
-    assert out["bf16"] == {"enabled": True} and out["fp16"] == {"enabled": False}
+    assert out["bf16"] == {"enabled": True, "check_grad_overflow": False} and out["fp16"] == {"enabled": False}
     assert resolve(ds, precision="fp16", device="cuda")["fp16"] == {"enabled": True}
 
 
@@ -212,3 +230,17 @@ def test_find_shipped_and_paths(tmp_path):
     own.write_text(json.dumps({"train_batch_size": "auto"}))
     assert find_ds_config(str(own)) == own
     assert load_ds_config(str(own)) == {"train_batch_size": "auto"}
+
+
+@pytest.mark.parametrize("given, wanted", [
+    (None, None), ("9.0", None), ("7.5 8.0+PTX", None),
+    ("9.0a", "9.0"), ("8.0;9.0a;10.0f+PTX", "8.0;9.0;10.0+PTX"), ("9.0 9.0a", "9.0")])
+def test_arch_list_made_parseable_for_deepspeed_op_builds(given, wanted):
+    """Hopper/Blackwell images set TORCH_CUDA_ARCH_LIST=9.0a; DeepSpeed 0.19.8's JIT builder (FusedAdam, the first
+    GPU step) dies parsing it, so distributed.init rewrites it to the plain architecture."""
+    from forge_ds.distributed import deepspeed_safe_arch_list
+
+    assert deepspeed_safe_arch_list(given) == ({"TORCH_CUDA_ARCH_LIST": wanted} if wanted else {})
+    if wanted:  # what DeepSpeed does with the rewritten value must now succeed
+        for cc in wanted.split(";"):
+            tuple(int(part.split("+")[0]) for part in cc.split("."))
