@@ -225,6 +225,29 @@ def time_chunk(fn, steps: int, device: str) -> tuple[float, list[float]]:
     return time.perf_counter() - started, per_step
 
 
+def profile_chunk(name: str, fn, device: str, top: int = 12) -> dict:
+    """torch.profiler over one chunk: how much of the wall the GPU was busy, and the ops that cost the most host
+    time (a loop whose GPU idles between kernels is bound by Python / launch overhead, not by the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    device_self = [getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events]
+    busy = sum(device_self) / 1e6  # µs -> s; kernels on overlapping streams count twice, so an upper bound
+    print(f"\nprofile ({name}): wall {wall * 1e3:.1f} ms, GPU kernels {busy * 1e3:.1f} ms "
+          f"({busy / wall * 100:.0f}% of the wall)" if device == "cuda" else f"\nprofile ({name}): wall {wall * 1e3:.1f} ms")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+    if device == "cuda":
+        print(events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60))
+    return {"wall_s": wall, "gpu_kernel_s": busy if device == "cuda" else None}
+
+
 # ------------------------------------------------------------------------------------------ one rank's benchmark
 
 
@@ -257,7 +280,7 @@ def rank_main(args) -> dict | None:
     distributed.init(device)
     distributed.barrier()
     baseline = memory_now(device)  # after imports and process-group start: model state is growth above this
-    opts = RunOptions(deepspeed_config=f"zero{args.zero}", output_dir=args.run_dir, overwrite=True,
+    opts = RunOptions(deepspeed_config=args.deepspeed_config or f"zero{args.zero}", output_dir=args.run_dir, overwrite=True,
                       peak_tflops=args.peak_tflops)
     run = train.setup(cfg, opts, env, [])
     train.save = lambda run: None  # the loop's checkpoint at the end of each chunk is not what we time
@@ -291,7 +314,8 @@ def rank_main(args) -> dict | None:
     psi = sum(p.numel() for p in run.engine.module.parameters() if p.requires_grad)
     if hasattr(next(run.engine.module.parameters()), "ds_numel"):
         psi = sum(p.ds_numel for p in run.engine.module.parameters() if p.requires_grad)
-    formula, formula_text = zero_formula_bytes(psi, args.zero, env.world_size, run.precision)
+    stage = run.engine.zero_optimization_stage()  # the JSON's, which --deepspeed_config may have chosen
+    formula, formula_text = zero_formula_bytes(psi, stage, env.world_size, run.precision)
 
     before_plain = memory_now(device)
     plain = PlainLoop(run, naive_attention=False, compile_model=args.compile)
@@ -330,6 +354,12 @@ def rank_main(args) -> dict | None:
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
         peaks = {"process_peak_rss": peak_rss}
 
+    profiles = {}
+    if args.profile and env.rank == 0:
+        profiles["ours"] = profile_chunk("forge_ds, one chunk", lambda: ours_chunk(args.steps_per_chunk), device)
+        profiles["plain"] = profile_chunk(
+            "plain torch, one chunk", lambda: [plain_step(plain, "plain") for _ in range(args.steps_per_chunk)], device)
+
     # batch fetch: what get_batch costs per step at this shape (main-process memmap reads)
     fetch = []
     for i in range(50):
@@ -359,7 +389,7 @@ def rank_main(args) -> dict | None:
         "benchmark": "throughput", "shape": {k: getattr(args, k) for k in
                                              ("d_model", "n_heads", "n_layers", "d_ff", "seq_len", "vocab",
                                               "batch_size")},
-        "precision": run.precision, "zero_stage": args.zero, "world_size": env.world_size, "device": device,
+        "precision": run.precision, "zero_stage": stage, "world_size": env.world_size, "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(), "compile": args.compile,
         "activation_checkpointing": args.activation_checkpointing,
@@ -372,12 +402,16 @@ def rank_main(args) -> dict | None:
                                          "per_pair": ratios},
         "ours_over_naive_tokens_per_s": {"median": statistics.median(naive_ratios), "min": min(naive_ratios),
                                          "max": max(naive_ratios)},
+        # The loop's own step timer (forward/backward/step/all-reduce) against the chunk's wall time per step: the
+        # difference is what logging, metrics and the loop's bookkeeping cost.
+        "ours_step_time_by_loop_timer_median_s": statistics.median(per_step["ours"]),
         "memory": {"kind": "cuda allocated" if device == "cuda" else "process RSS",
                    "peak_bytes": peaks, "ours_growth_after_warmup_bytes": ours_growth,
                    "plain_growth_after_warmup_bytes": plain_growth},
         "model_state_bytes_per_rank": states, "zero_formula": formula_text, "zero_formula_bytes": formula,
         "model_state_over_formula": states["total"] / formula if formula else None,
         "batch_fetch_s": {"median": statistics.median(fetch), "max": max(fetch)},
+        "profile": profiles,
     }
     return report
 
@@ -398,7 +432,7 @@ def launch_to_first_step(args, runs: int) -> list[dict]:
     for i in range(runs):
         run_dir = Path(args.run_dir).parent / f"launch-{i}"
         cmd = [sys.executable, "-m", "forge_ds.cli", "train", f"--output_dir={run_dir}", "--overwrite",
-               f"--deepspeed_config=zero{args.zero}", "--stop_after_steps=1",
+               f"--deepspeed_config={args.deepspeed_config or f'zero{args.zero}'}", "--stop_after_steps=1",
                *[f"--{k}={v}" for k, v in {
                    "model.d_model": args.d_model, "model.n_heads": args.n_heads, "model.n_layers": args.n_layers,
                    "model.d_ff": args.d_ff, "model.max_seq_len": args.seq_len, "model.vocab_size": args.vocab,
@@ -462,6 +496,9 @@ def print_table(r: dict) -> None:
     print(f"ours/plain tokens/s: median {q['median']:.3f} (min {q['min']:.3f}, max {q['max']:.3f}) over "
           f"{r['pairs']} interleaved pairs of {r['steps_per_chunk']} steps")
     print(f"ours/naive-attention tokens/s: median {n['median']:.3f} (min {n['min']:.3f}, max {n['max']:.3f})")
+    if "ours_step_time_by_loop_timer_median_s" in r:
+        print(f"ours: step median {r['ours_step_time_by_loop_timer_median_s'] * 1e3:.1f} ms by the loop's own timer "
+              f"(forward/backward/step/all-reduce) vs {r['ours']['step_time_median_s'] * 1e3:.1f} ms wall per step")
     ms = r["model_state_bytes_per_rank"]
     print(f"model state per rank: {ms['total'] / 2**20:.1f} MiB (params {ms['params'] / 2**20:.1f}, grads "
           f"{ms['grads'] / 2**20:.1f}, optimizer {ms['optimizer_state'] / 2**20:.1f}, other "
@@ -500,6 +537,8 @@ def parse(argv):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--deepspeed_config", default=None,
+                   help="a DeepSpeed JSON (path or shipped name) instead of ds_configs/zero<--zero>.json")
     p.add_argument("--ranks", type=int, default=1, help="processes on this machine (one per GPU)")
     p.add_argument("--pairs", type=int, default=7, help="interleaved (plain, ours, naive) chunks after warm-up")
     p.add_argument("--steps_per_chunk", type=int, default=4)
@@ -508,6 +547,7 @@ def parse(argv):
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak_tflops", type=float, default=None, help="per-rank peak for MFU (GPU table otherwise)")
+    p.add_argument("--profile", action="store_true", help="after timing, profile one chunk of each loop (rank 0)")
     p.add_argument("--launch", type=int, default=0, help="also time N launches of `forge-ds train` to step 1")
     p.add_argument("--workdir", default=None, help="scratch folder (prepared data, run dirs); default a temp dir")
     p.add_argument("--json", default=None, help="output JSON path (default <workdir>/bench.json)")

@@ -128,6 +128,12 @@ def run_training(run_dir: Path, args: list[str], ranks: int, log: Path,
     return time.time() - started
 
 
+def flag_value(flags: list[str], key: str, default):
+    """The last `--key=value` among pass-through flags (the last one wins in `forge-ds train` too)."""
+    values = [f.split("=", 1)[1] for f in flags if f.startswith(f"--{key}=")]
+    return values[-1] if values else default
+
+
 def fmt(x: float | None, width: int = 7) -> str:
     return f"{x:{width}.3f}" if x is not None else " " * (width - 1) + "-"
 
@@ -142,8 +148,8 @@ def main(argv: list[str] | None = None, python_entry: tuple[str, ...] = ("-m", "
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage; default 0")
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"per-rank batch; default {GLOBAL_BATCH} // ranks, holding the global batch at {GLOBAL_BATCH}")
-    p.add_argument("--prepared_dir", default=None, help="prepared pydoc data (default: forge_ds's cache under "
-                   "<workdir>/data/prepared)")
+    p.add_argument("--prepared_dir", default=None, help="prepared pydoc data (default: "
+                   "<workdir>/data/prepared-v<vocab>)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "bench-quality"), help="run folders go here")
     p.add_argument("--tag", default=None, help="name for this configuration in the JSON (default: recipe)")
     p.add_argument("--json", default=None, help="output JSON (default <workdir>/<tag>-<steps>.json)")
@@ -158,7 +164,10 @@ def main(argv: list[str] | None = None, python_entry: tuple[str, ...] = ("-m", "
     tag = args.tag or args.recipe
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    prepared = Path(args.prepared_dir).resolve() if args.prepared_dir else None
+    seq_len = int(flag_value(extra, "model.max_seq_len", 128))
+    # An explicit folder per vocabulary: the unigram lines below must read the very tokens the runs trained on.
+    prepared = Path(args.prepared_dir or workdir / "data" / f"prepared-v{flag_value(extra, 'model.vocab_size', 2048)}")
+    prepared = prepared.resolve()
 
     runs = []
     for seed in seeds:
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None, python_entry: tuple[str, ...] = ("-m", "
                  f"--training.seed={seed}", f"--training.max_steps={args.steps}", "--training.eval_every=100",
                  f"--training.checkpoint_every={args.steps + 1}", "--training.keep_checkpoints=1",
                  "--training.log_every=100", f"--deepspeed_config=zero{args.zero}", f"--output_dir={run_dir}",
-                 "--overwrite", *([f"--data.prepared_dir={prepared}"] if prepared else []), *extra]
+                 "--overwrite", f"--data.prepared_dir={prepared}", *extra]
         print(f"[{tag} seed {seed}] forge-ds train {' '.join(flags)}", flush=True)
         wall = run_training(run_dir, flags, args.ranks, workdir / f"{run_dir.name}.log", python_entry)
         val, train = read_curve(run_dir)
@@ -178,9 +187,8 @@ def main(argv: list[str] | None = None, python_entry: tuple[str, ...] = ("-m", "
                      "train_loss_mean20": {str(k): smoothed(train, k) for k in sorted(val)}})
         print(f"[{tag} seed {seed}] {wall:.0f} s, val loss at the end {val[max(val)]:.4f}", flush=True)
 
-    prepared = prepared or next((workdir / "data" / "prepared").iterdir())
     lines = unigram_lines(prepared)
-    counts = data_counts(prepared, 128, per_rank * args.ranks)
+    counts = data_counts(prepared, seq_len, per_rank * args.ranks)
     steps = sorted({s for s in REPORT_STEPS if s <= args.steps} | {args.steps})
     report = {"benchmark": "quality", "tag": tag, "recipe": args.recipe, "schedule_steps": args.steps,
               "ranks": args.ranks, "zero_stage": args.zero, "per_rank_batch": per_rank, "extra_flags": extra,
