@@ -592,19 +592,27 @@ def train(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
             summary = finish(run)
             if env.is_main:
                 print(f"shared export written: {summary['export']}", flush=True)
-            return 0
-        if reason == "budget":
+            code = 0
+        elif reason == "budget":
             if env.is_main:
                 print(f"stopped after {opts.stop_after_steps} steps at step {run.state.step}/{run.total_steps}; "
                       f"resume with --resume --output_dir={run.run_dir}", flush=True)
-            return 0
-        # A stop signal: every rank has saved; under SLURM rank 0 requeues the job (which kills this step).
-        distributed.barrier()
-        requeued = env.is_main and distributed.requeue_slurm_job(env)
-        if env.is_main:
-            print(f"stopped by {distributed.stop_signal_name()} at step {run.state.step}; checkpoint saved"
-                  + ("; job requeued" if requeued else f"; resume with --resume --output_dir={run.run_dir}"),
-                  flush=True)
-        return 0 if env.slurm_job_id else 128 + distributed.stop_signal_number()
+            code = 0
+        else:  # a stop signal: every rank has saved; under SLURM rank 0 requeues the job (which kills this step)
+            distributed.barrier()
+            requeued = env.is_main and distributed.requeue_slurm_job(env)
+            if env.is_main:
+                print(f"stopped by {distributed.stop_signal_name()} at step {run.state.step}; checkpoint saved"
+                      + ("; job requeued" if requeued else f"; resume with --resume --output_dir={run.run_dir}"),
+                      flush=True)
+            code = 0 if env.slurm_job_id else 128 + distributed.stop_signal_number()
     finally:
         run.metrics.close()
+    # Leave together, and take the process group down before the interpreter does: a rank whose group is torn
+    # down at exit while a peer still writes can abort there ("terminate called without an active exception",
+    # exit -6 on a run that had finished). Only on the way out of a run that ended well: after an error a peer may
+    # be gone, and a barrier would wait for it.
+    with long_wait():
+        distributed.barrier()
+    distributed.shutdown()
+    return code
