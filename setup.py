@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="DeepSpeed harness for ModularForge Phase 1: train the shared components at cluster scale",
     packages=find_packages(include=["forge_ds", "forge_ds.*"]),
-    package_data={"forge_ds": ["presets/*.yaml", "ds_configs/*.json"]},
+    package_data={"forge_ds": ["presets/*.yaml", "ds_configs/*.json", "corpus/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

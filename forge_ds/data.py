@@ -11,13 +11,13 @@ prepares and places the barriers.
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -125,12 +125,21 @@ def _jsonl_line(path: Path, row: int) -> str:
     return f"record {row + 1}"
 
 
+# CPython 3.11.7's pydoc help topics, shipped: each Python release regenerates them, so reading the running
+# interpreter's would give every Python a different "default corpus" (and docs/QUALITY.md's figures only on 3.11.7).
+PYDOC_CORPUS = Path(__file__).parent / "corpus" / "pydoc_topics-3.11.7.json.gz"
+
+
+def pydoc_topics() -> dict[str, str]:
+    with gzip.open(PYDOC_CORPUS, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _read_source(source: str, text_field: str) -> tuple[list[str], list[bool]]:
     """All documents of a source, in source order, with a per-document 'had bytes replaced' flag."""
     kind, path = _classify(source)
     if kind == "pydoc":
-        from pydoc_data.topics import topics
-
+        topics = pydoc_topics()
         docs = [topics[k] for k in sorted(topics)]
         return docs, [False] * len(docs)
     if kind == "hf":
@@ -278,7 +287,7 @@ def source_identity(source, text_field, min_article_length, max_articles, vocab_
                  val_fraction=val_fraction, split_seed=split_seed,
                  tokenizer_sha256=sha256_file(Path(tokenizer_path)) if tokenizer_path else None)
     if kind == "pydoc":
-        ident["python"] = sys.version  # pydoc topics change between Python releases
+        ident["corpus"] = PYDOC_CORPUS.name
     elif kind == "hf":
         ident["split"] = "train"  # hub revisions are not tracked: pass an explicit prepared_dir or delete it
     else:

@@ -72,20 +72,22 @@ def split_stream(bin_path):
 # ------------------------------------------------------------------------------------------------ sources / split
 
 
-def test_pydoc_documents_are_topics_in_sorted_key_order():
+def test_pydoc_documents_are_the_shipped_3_11_7_topics_in_sorted_key_order():
     docs = data.load_documents("builtin:pydoc")
-    assert docs == [topics[k] for k in sorted(topics)]
-    if sys.version_info[:3] == (3, 11, 7):
-        assert len(docs) == 79
+    shipped = data.pydoc_topics()
+    assert len(docs) == 79 and docs == [shipped[k] for k in sorted(shipped)]
+    assert docs[0].startswith("The \"assert\" statement")  # topic "assert", first in key order
+    if sys.version_info[:3] == (3, 11, 7):  # the file is that interpreter's own pydoc_data, unchanged
+        assert shipped == topics
 
 
 def test_split_is_random_0_shuffle_with_floor_fraction_held_out(pydoc_split):
     train, val = pydoc_split
-    expected = [topics[k] for k in sorted(topics)]
+    shipped = data.pydoc_topics()
+    expected = [shipped[k] for k in sorted(shipped)]
     random.Random(0).shuffle(expected)
-    n_val = max(1, math.floor(len(topics) * 0.1))
-    if sys.version_info[:3] == (3, 11, 7):
-        assert n_val == 7
+    n_val = max(1, math.floor(len(shipped) * 0.1))
+    assert n_val == 7
     assert val == expected[:n_val] and train == expected[n_val:]
 
 
@@ -96,9 +98,9 @@ def test_split_needs_two_documents_and_holds_out_at_least_one():
     assert len(val) == 1 and len(train) == 2
 
 
-def test_pydoc_identity_includes_python_version():
+def test_pydoc_identity_names_the_shipped_corpus_not_the_interpreter():
     ident = data.source_identity("builtin:pydoc", "text", 0, None, VOCAB, 0.1, 0, None)
-    assert ident["python"] == sys.version
+    assert ident["corpus"] == "pydoc_topics-3.11.7.json.gz" and "python" not in ident
 
 
 def test_txt_file_yields_one_document_per_paragraph(tmp_path):
