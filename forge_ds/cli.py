@@ -41,6 +41,16 @@ def _config(config, overrides) -> tuple:
     return config_mod.resolve(config, overrides)
 
 
+def _check_stop_after_steps(stop_after_steps) -> None:
+    if stop_after_steps is not None and (not isinstance(stop_after_steps, int) or stop_after_steps < 1):
+        raise ForgeError(f"--stop_after_steps={stop_after_steps!r} must be a positive integer")
+
+
+def _resume_target(resume) -> Optional[str]:
+    """--resume (fire gives True) means the newest complete checkpoint; --resume=step-… or a path names one."""
+    return None if resume in (None, False) else "auto" if resume is True else str(resume)
+
+
 def train(config: Optional[str] = None, deepspeed_config: str = "zero2", output_dir: Optional[str] = None,
           resume=None, overwrite: bool = False, stop_after_steps: Optional[int] = None,
           init_from: Optional[str] = None, allow_schedule_change: bool = False,
@@ -52,12 +62,11 @@ def train(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     from forge_ds.train import train as run_training
 
     cfg, notes = _config(config, overrides)
-    if stop_after_steps is not None and (not isinstance(stop_after_steps, int) or stop_after_steps < 1):
-        raise ForgeError(f"--stop_after_steps={stop_after_steps!r} must be a positive integer")
+    _check_stop_after_steps(stop_after_steps)
     env = distributed.detect(local_rank)
     configure_console(env.rank)
     opts = RunOptions(config=config, deepspeed_config=str(deepspeed_config), output_dir=output_dir,
-                      resume=None if resume in (None, False) else str(resume) if resume is not True else "auto",
+                      resume=_resume_target(resume),
                       overwrite=bool(overwrite), stop_after_steps=stop_after_steps, init_from=init_from,
                       allow_schedule_change=bool(allow_schedule_change), tensorboard_dir=tensorboard_dir,
                       peak_tflops=peak_tflops)
@@ -97,13 +106,12 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     cfg, notes = _config(config, overrides)
     for note in notes:
         print(note)
-    if stop_after_steps is not None and (not isinstance(stop_after_steps, int) or stop_after_steps < 1):
-        raise ForgeError(f"--stop_after_steps={stop_after_steps!r} must be a positive integer")
+    _check_stop_after_steps(stop_after_steps)
     env = distributed.detect(local_rank)
     world = int(world_size or env.world_size)
     # The same checks in the same order as train.setup, so both fail with the same message.
     opts = RunOptions(config=config, deepspeed_config=str(deepspeed_config), output_dir=output_dir,
-                      resume=None if resume in (None, False) else str(resume) if resume is not True else "auto",
+                      resume=_resume_target(resume),
                       overwrite=bool(overwrite), init_from=init_from)
     device, precision, ds, _ = preflight(cfg, opts, world)
     t = cfg.training

@@ -343,8 +343,8 @@ def prepare(source, *, vocab_size, text_field="text", val_fraction=0.1, split_se
     out = Path(prepared_dir) if prepared_dir is not None else Path(root) / prepared_key(ident)
     if (out / "meta.json").exists():
         meta = read_meta(out)
-        if meta["source_identity"] != json.loads(json.dumps(ident)):
-            now = json.loads(json.dumps(ident))
+        now = json.loads(json.dumps(ident))  # as it reads back from meta.json (tuples become lists)
+        if meta["source_identity"] != now:
             differ = sorted(k for k in now.keys() | meta["source_identity"].keys()
                             if now.get(k) != meta["source_identity"].get(k))
             raise ForgeError(f"prepared dir {str(out)!r} was made from different data or settings "

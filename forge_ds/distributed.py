@@ -21,6 +21,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as torch_dist
 
+from forge_ds.errors import ForgeError
+
 # A collective may legitimately wait this long before training starts (rank 0 tokenizing a corpus, or
 # consolidating an export while the others wait); once steps run, a missing peer means it died.
 # FORGE_DS_TRAINING_TIMEOUT_S exists so tests can prove both without waiting 45 s; users need not touch it.
@@ -305,15 +307,19 @@ def gather_hostnames() -> list[str]:
     node = os.environ.get("SLURMD_NODENAME")
     if node and node != name.split(".")[0]:  # several slurmd on one host (the test cluster): say which node
         name = f"{name}({node})"
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
-        return [name]
-    out: list = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, name)
-    return out
+    return gather_object(name)
 
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def pick_device(want: str, setting: str, flag: str) -> str:
+    """The device for `want` (auto: cuda when a GPU is visible, else cpu); cuda without a GPU is the user's error.
+    `setting` and `flag` name the option in that message: training.device for train, --device for evaluate."""
+    if want == "cuda" and not cuda_available():
+        raise ForgeError(f"{setting}=cuda but no CUDA GPU is visible; use {flag}=cpu or auto")
+    return "cuda" if want == "cuda" or (want == "auto" and cuda_available()) else "cpu"
 
 
 def bf16_supported(device: str) -> bool:

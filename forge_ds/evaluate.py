@@ -103,9 +103,7 @@ def load_run_tokenizer(ckpt: Path, cfg: Config, state: checkpoint.TrainState):
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda"):
         raise ForgeError(f"--device={device!r} is not one of auto, cpu, cuda")
-    if device == "cuda" and not distributed.cuda_available():
-        raise ForgeError("--device=cuda but no CUDA GPU is visible; use --device=cpu or auto")
-    return "cuda" if device == "cuda" or (device == "auto" and distributed.cuda_available()) else "cpu"
+    return distributed.pick_device(device, "--device", "--device")
 
 
 # ------------------------------------------------------------------------------------------------------- evaluate

@@ -63,10 +63,7 @@ class Run:
 
 
 def resolve_device(cfg: Config) -> str:
-    want = cfg.training.device
-    if want == "cuda" and not distributed.cuda_available():
-        raise ForgeError("training.device=cuda but no CUDA GPU is visible; use --training.device=cpu or auto")
-    return "cuda" if want == "cuda" or (want == "auto" and distributed.cuda_available()) else "cpu"
+    return distributed.pick_device(cfg.training.device, "training.device", "--training.device")
 
 
 def resolve_precision(cfg: Config, device: str) -> str:
@@ -264,7 +261,7 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
         _write_run_files(run_dir, cfg, ds, prepared, env, hosts, opts.overwrite and not opts.resume)
     distributed.barrier()
     n_params = shared_params + temp_params
-    metrics = Metrics(run_dir, Path(opts.tensorboard_dir or run_dir / "tensorboard"), env.is_main, total_steps,
+    metrics = Metrics(run_dir, tensorboard_dir(opts, run_dir), env.is_main, total_steps,
                       state.step, t.log_every, tokens_per_step=sampler.global_batch * cfg.model.max_seq_len,
                       samples_per_step=sampler.global_batch,
                       flops_per_tok=flops_per_token(n_params, cfg.model.n_layers, cfg.model.d_model,
@@ -333,8 +330,8 @@ def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, 
     shutil.copyfile(prepared / "tokenizer.json", run_dir / "tokenizer.json")
 
 
-def tensorboard_dir(run: Run) -> Path:
-    return Path(run.opts.tensorboard_dir).resolve() if run.opts.tensorboard_dir else run.run_dir / "tensorboard"
+def tensorboard_dir(opts: RunOptions, run_dir: Path) -> Path:
+    return Path(opts.tensorboard_dir).resolve() if opts.tensorboard_dir else run_dir / "tensorboard"
 
 
 def _print_start_block(run: Run, shared_params: int, temp_params: int) -> None:
@@ -354,7 +351,8 @@ def _print_start_block(run: Run, shared_params: int, temp_params: int) -> None:
         f"  data        {c.data.source}: {run.meta['train_tokens']:,} train / {run.meta['val_tokens']:,} val tokens",
         _inputs_line(run),
         f"  outputs     checkpoints {run.run_dir / 'checkpoints'}, export {run.run_dir / (export.EXPORT_STEM + '.pt')}",
-        f"  logs        tensorboard --logdir {tensorboard_dir(run)}; {run.run_dir / 'metrics.jsonl'}",
+        f"  logs        tensorboard --logdir {tensorboard_dir(run.opts, run.run_dir)}; "
+        f"{run.run_dir / 'metrics.jsonl'}",
     ]
     print("\n".join(lines), flush=True)
 
@@ -553,7 +551,8 @@ def finish(run: Run) -> dict:
         "final_val_loss": val, "final_val_ppl": math.exp(min(val, 50)),
         "best_val_loss": state.best_val_loss, "best_step": state.best_step, "steps": state.step,
         "tokens_seen": state.tokens_seen, "export": str(paths.get("pt", run.run_dir / "shared_components.pt")),
-        "checkpoints": str(run.run_dir / "checkpoints"), "tensorboard": str(tensorboard_dir(run)),
+        "checkpoints": str(run.run_dir / "checkpoints"),
+        "tensorboard": str(tensorboard_dir(run.opts, run.run_dir)),
         "metrics": str(run.run_dir / "metrics.jsonl")})
     run.metrics.hparams({**{f"model.{k}": v for k, v in cfg.model.model_dump().items()},
                          **{f"training.{k}": v for k, v in cfg.training.model_dump().items()},
