@@ -311,9 +311,8 @@ def rank_main(args) -> dict | None:
     ours_warm, _ = time_chunk(lambda: ours_chunk(args.warmup), 1, device)
     del run.engine.step
     ours_growth = memory_now(device) - baseline
-    psi = sum(p.numel() for p in run.engine.module.parameters() if p.requires_grad)
-    if hasattr(next(run.engine.module.parameters()), "ds_numel"):
-        psi = sum(p.ds_numel for p in run.engine.module.parameters() if p.requires_grad)
+    # ZeRO-3 leaves empty placeholders in numel(); ds_numel is the full size there.
+    psi = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad)
     stage = run.engine.zero_optimization_stage()  # the JSON's, which --deepspeed_config may have chosen
     formula, formula_text = zero_formula_bytes(psi, stage, env.world_size, run.precision)
 

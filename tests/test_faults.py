@@ -8,7 +8,6 @@ FORGE_DS_TRAINING_TIMEOUT_S shortens the collective timeout that applies once st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -19,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, base_env, forge, read_metrics
+from conftest import TINY, base_env, forge, train_losses
 from ranks import spawn_ranks
+
+from forge_ds.files import sha256_file
 
 pytestmark = pytest.mark.multirank
 ERROR = "forge-ds: error:"
@@ -46,12 +47,8 @@ def manifest_holds(ckpt: Path) -> bool:
     """Every file the checkpoint's manifest lists is there with its size and sha256 (nothing torn, nothing lost)."""
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
     return bool(files) and all((ckpt / name).is_file() and (ckpt / name).stat().st_size == want["bytes"]
-                               and hashlib.sha256((ckpt / name).read_bytes()).hexdigest() == want["sha256"]
+                               and sha256_file(ckpt / name) == want["sha256"]
                                for name, want in files.items())
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
 
 
 # ------------------------------------------------------------------------------------------------ one process
@@ -134,7 +131,7 @@ def test_nan_loss_stops_at_that_step_with_exit_3_keeping_the_last_good_checkpoin
     assert complete(run) == ["step-00000002", "step-00000004"]
     assert not (run / "checkpoints" / "step-00000006").exists()  # step 6 is a checkpoint step: nothing saved
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
-    assert max(losses(run)) == 5  # the NaN step was never logged as a result
+    assert max(train_losses(run)) == 5  # the NaN step was never logged as a result
     assert manifest_holds(run / "checkpoints" / "step-00000004")
 
 
@@ -155,7 +152,7 @@ def test_after_nan_and_signals_resume_finishes_the_schedule(life):
     r, stopped = life.stage("finish"), life.stage("sigint")[2]
     assert r.returncode == 0, r.output[-3000:]
     assert f"from step {stopped} (resumed from step-{stopped:08d})" in r.stdout
-    after = losses(life.run)
+    after = train_losses(life.run)
     assert sorted(after) == list(range(1, life.STEPS + 1)) and all(math.isfinite(v) for v in after.values())
     assert (life.run / "shared_components.pt").is_file()
 
