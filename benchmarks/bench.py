@@ -40,6 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a checkout without `pip install -e .` (e.g. a bare GPU machine) still imports forge_ds
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling quality.py, also when loaded by `forge-ds bench`
+
+from quality import versions  # noqa: E402
 
 SHAPES = {  # d_model, n_heads, n_layers, d_ff, seq_len, vocab, per-rank batch
     "cpu": dict(d_model=256, n_heads=4, n_layers=4, d_ff=1024, seq_len=256, vocab=8192, batch_size=8),
@@ -131,6 +134,9 @@ def memory_now(device: str) -> float:
 # ------------------------------------------------------------------------------------------ the loops
 
 
+_CAUSAL_MASKS: dict = {}
+
+
 def naive_attention_forward(self, x):
     """CausalSelfAttention written out: scores, mask, softmax, dropout, weighted sum (no fused kernel)."""
     import torch
@@ -140,7 +146,10 @@ def naive_attention_forward(self, x):
     q, k, v = (t.view(B, S, self.n_heads, d // self.n_heads).transpose(1, 2)
                for t in self.qkv_proj(x).split(d, dim=-1))
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.n_heads)
-    mask = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+    key = (S, x.device)
+    if key not in _CAUSAL_MASKS:  # built once, as a plain loop would hold it: not a cost of the naive attention
+        _CAUSAL_MASKS[key] = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+    mask = _CAUSAL_MASKS[key]
     att = F.dropout(torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1), self.dropout, self.training)
     return self.out_dropout(self.out_proj((att @ v).transpose(1, 2).reshape(B, S, d)))
 
@@ -515,13 +524,6 @@ def print_table(r: dict) -> None:
               f"{l.get('setup_done_s', float('nan')):.1f} s)")
 
 
-def _version(md, package: str) -> str:
-    try:
-        return md.version(package)
-    except md.PackageNotFoundError:
-        return "not installed (checkout on PYTHONPATH)"
-
-
 def _cuda_version():
     import torch
 
@@ -564,7 +566,6 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quality" in argv:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import quality
 
         return quality.main(argv)
@@ -598,13 +599,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     report = json.loads(Path(args.json).read_text())
     if args.launch:
         report["launch"] = launch_to_first_step(args, args.launch)
-    import importlib.metadata as md
-
     report.update({"command": " ".join(["python benchmarks/bench.py", *argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
                    "machine": f"{platform.node()}, {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f} at end",
                    "wall_s": round(time.time() - started, 1),
-                   "versions": {"python": platform.python_version(), "cuda": _cuda_version(),
-                                **{p: _version(md, p) for p in ("torch", "deepspeed", "forge_ds")}}})
+                   "versions": {"cuda": _cuda_version(), **versions()}})
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     print(f"json: {args.json}")

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
               "ranks": args.ranks, "zero_stage": args.zero, "per_rank_batch": per_rank, "extra_flags": extra,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {platform.processor()} "
-              f"{os.cpu_count()} cpus", "versions": _versions(), "data": counts, **lines, "runs": runs,
+              f"{os.cpu_count()} cpus", "versions": versions(), "data": counts, **lines, "runs": runs,
               "reference_modularforge_val": MODULARFORGE_REFERENCE.get(args.recipe, {})}
     by_step = {s: [r["val_loss"].get(str(s)) for r in runs] for s in steps}
     report["val_loss_mean"] = {str(s): statistics.mean(v) for s, v in by_step.items() if None not in v}
@@ -223,17 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
+def versions() -> dict:
+    """Module versions (package metadata is missing when forge_ds runs from a checkout on PYTHONPATH)."""
+    import deepspeed
+    import torch
 
-    return {"python": platform.python_version(), **{p: _version(md, p) for p in ("torch", "deepspeed", "forge_ds")}}
+    import forge_ds
 
-
-def _version(md, package: str) -> str:
-    try:
-        return md.version(package)
-    except md.PackageNotFoundError:
-        return "not installed (checkout on PYTHONPATH)"
+    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "forge_ds": forge_ds.__version__}
 
 
 if __name__ == "__main__":
