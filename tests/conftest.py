@@ -1,7 +1,8 @@
 """Shared test harness: run forge-ds for real, as 1 or 2 ranks, on tiny models.
 
 Ranks are spawned directly with the torch.distributed environment variables (one process each, what a launcher
-does) where the launcher itself is not under test; one test goes through the real `deepspeed` launcher.
+does; tests/ranks.py) where the launcher itself is not under test; one test goes through the real `deepspeed`
+launcher.
 Nothing reaches the network: the HF hub is forced offline.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from ranks import ROOT, base_env, free_port, spawn_ranks  # noqa: F401  (re-exported: tests import them from here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ERROR = "forge-ds: error:"  # how every user error starts (forge_ds.cli), alone on its line
 
 # A model that trains in well under a second per step on 2 CPU cores, on a short repetitive corpus.
 TINY = [
@@ -35,12 +38,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "multirank: spawns real DeepSpeed ranks")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Result:
     returncode: int
@@ -53,18 +50,6 @@ class Result:
         return self.stdout + self.stderr
 
 
-def base_env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    # One intra-op thread per rank: two ranks on two cores otherwise oversubscribe and run ~10x slower.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
-    env.update(extra or {})
-    return env
-
-
 def forge(args: list[str], ranks: int = 1, cwd: Path | None = None, env: dict | None = None,
           timeout: float = 300) -> Result:
     """Run `forge-ds <args>` as `ranks` real processes (rank 0's output is the result; any failing rank fails)."""
@@ -73,26 +58,20 @@ def forge(args: list[str], ranks: int = 1, cwd: Path | None = None, env: dict | 
     if ranks == 1:
         p = subprocess.run(cmd, cwd=cwd or ROOT, env=base_env(env), capture_output=True, text=True, timeout=timeout)
         return Result(p.returncode, p.stdout, p.stderr, time.time() - started)
-    port = str(free_port())
-    procs = []
-    for rank in range(ranks):
-        rank_env = base_env({**(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        procs.append(subprocess.Popen(cmd, cwd=cwd or ROOT, env=rank_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=max(1.0, timeout - (time.time() - started))))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    codes = [p.returncode for p in procs]
-    code = next((c for c in codes if c != 0), 0)
-    stderr = "".join(f"[rank {r}] {line}\n" for r, o in enumerate(outs) for line in o[1].splitlines() if r > 0)
-    return Result(code, outs[0][0], outs[0][1] + stderr, time.time() - started)
+    ranks_ = spawn_ranks(args, ranks, cwd or ROOT, env, timeout)
+    code = next((r.returncode for r in ranks_ if r.returncode != 0), 0)
+    stderr = "".join(f"[rank {r.rank}] {line}\n" for r in ranks_[1:] for line in r.stderr.splitlines())
+    return Result(code, ranks_[0].stdout, ranks_[0].stderr + stderr, time.time() - started)
+
+
+def user_error_line(result, code: int = 2) -> str:
+    """The one `forge-ds: error:` line of a process that ended on a user error; fails unless it ended with `code`,
+    printed exactly one such line and no traceback."""
+    assert result.returncode == code, (f"exit {result.returncode}, expected {code}\n"
+                                       f"{result.stdout[-2000:]}{result.stderr[-3000:]}")
+    lines = [line for line in result.stderr.splitlines() if line.startswith(ERROR)]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, Result, forge, read_metrics, train_losses
+from conftest import ERROR, TINY, Result, forge, read_metrics, train_losses, user_error_line
 from forge_ds import data
 from forge_ds.model import SharedTrainingModel, contract_keys, initialize, sinusoidal_table
 from forge_ds.train import get_batch
@@ -34,7 +34,6 @@ from ranks import spawn_ranks
 pytestmark = pytest.mark.multirank
 
 N = 3  # steps before the interruption; every run's schedule is 2N steps
-ERROR = "forge-ds: error:"
 # Two ranks on two shared cores: more intra-op threads per rank only fight each other (10x slower steps here).
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -81,13 +80,6 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def ok(result: Result) -> Result:
     assert result.returncode == 0, result.output[-4000:]
     return result
-
-
-def one_line_error(result: Result, code: int = 2) -> str:
-    assert result.returncode == code, result.output[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith(ERROR)]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return lines[0]
 
 
 def load(path: Path) -> dict:
@@ -253,7 +245,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(runs):
     assert any(name.endswith("optim_states.pt") for name in kill["interrupted"]), kill["interrupted"]
     assert "COMPLETE" not in kill["interrupted"] and "forge_state.json" not in kill["interrupted"]
     assert kill["latest"] == f"step-{N:08d}"
-    line = one_line_error(kill["explicit"])
+    line = user_error_line(kill["explicit"])
     assert f"step-{2 * N:08d}" in line and "incomplete" in line and "--resume=auto" in line
     resumed = split.results[-1]
     assert f"from step {N} (resumed from step-{N:08d})" in resumed.stdout
@@ -348,7 +340,7 @@ def test_a_damaged_export_is_a_one_line_error_for_verify_and_init_from(runs, tmp
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF
     (bad / "shared_components.pt").write_bytes(bytes(flipped))
-    line = one_line_error(forge(runs.warm_args(tmp_path / "warm", f"--init_from={bad / 'shared_components.pt'}"), 1,
+    line = user_error_line(forge(runs.warm_args(tmp_path / "warm", f"--init_from={bad / 'shared_components.pt'}"), 1,
                                 env=ENV))
     assert "shared_components.pt" in line and "sha256" in line
 
@@ -360,7 +352,7 @@ def test_a_truncated_shard_is_a_clear_error_on_resume_and_export(runs, tmp_path,
     shutil.copytree(src, ckpt)
     shard = sorted(ckpt.glob("*rank_1*optim_states.pt"))[-1]  # rank 1's optimizer partition
     shard.write_bytes(shard.read_bytes()[:1000])
-    line = one_line_error(forge(runs.args(run, 2, "--resume"), 1, env=ENV))
+    line = user_error_line(forge(runs.args(run, 2, "--resume"), 1, env=ENV))
     assert shard.name in line and "truncated" in line and "damaged" in line
     code, _, err = cli(["export", str(ckpt), f"--out={tmp_path / 'out'}"], capsys)
     assert code == 2 and err.count("\n") == 1 and shard.name in err, err
@@ -404,7 +396,7 @@ def test_resume_with_an_incompatible_config_names_the_difference(runs, tmp_path,
         other.write_text("an entirely different text . " * 200, encoding="utf-8")
         flag = f"--data.source={other}"
     before = sorted(p.name for p in straight.dir.rglob("*"))
-    line = one_line_error(forge(runs.args(straight.dir, 2, "--resume", flag), 1, env=ENV))
+    line = user_error_line(forge(runs.args(straight.dir, 2, "--resume", flag), 1, env=ENV))
     assert named in line and "incompatible" in line
     assert sorted(p.name for p in straight.dir.rglob("*")) == before  # refused before touching the run
 
@@ -412,7 +404,7 @@ def test_resume_with_an_incompatible_config_names_the_difference(runs, tmp_path,
 def test_changing_max_steps_on_resume_needs_allow_schedule_change(runs, tmp_path):
     run = tmp_path / "warm"
     shutil.copytree(runs.warm().dir, run)
-    line = one_line_error(forge(runs.warm_args(run, "--resume", "--training.max_steps=6"), 1, env=ENV))
+    line = user_error_line(forge(runs.warm_args(run, "--resume", "--training.max_steps=6"), 1, env=ENV))
     assert "training.max_steps: 4 -> 6" in line and "--allow_schedule_change" in line
     r = ok(forge(runs.warm_args(run, "--resume", "--training.max_steps=6", "--allow_schedule_change"), 1, env=ENV))
     assert "resume: schedule changed training.max_steps: 4 -> 6 (--allow_schedule_change)" in r.stdout

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, Result, base_env, forge, free_port, read_metrics, train_losses
+from conftest import ROOT, TINY, Result, base_env, forge, free_port, read_metrics, train_losses, user_error_line
 from forge_ds import config as config_mod
 from forge_ds.model import SharedComponents, contract_keys
 
@@ -301,10 +301,8 @@ def test_finished_run_is_refused_without_overwrite_and_left_untouched(runs, prep
     before = {p: (p.stat().st_mtime_ns, sha256(p)) for p in r.dir.rglob("*") if p.is_file()}
     extra = RUNS["zero2"][3]
     p = forge(["train", *train_args(r.dir, prepared_root / "e2e-tiny", repetitive_corpus, extra)], ranks=1)
-    assert p.returncode == 2, p.output
-    errors = [line for line in p.stderr.splitlines() if line.startswith("forge-ds: error:")]
-    assert len(errors) == 1 and "--overwrite" in errors[0] and str(r.dir) in errors[0], p.stderr
-    assert "Traceback" not in p.stderr
+    line = user_error_line(p)
+    assert "--overwrite" in line and str(r.dir) in line, line
     after = {p: (p.stat().st_mtime_ns, sha256(p)) for p in r.dir.rglob("*") if p.is_file()}
     assert after == before
 

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, base_env, forge, train_losses
+from conftest import ERROR, TINY, base_env, forge, train_losses
 from ranks import spawn_ranks
 
 from forge_ds.files import sha256_file
 
 pytestmark = pytest.mark.multirank
-ERROR = "forge-ds: error:"
 
 
 @pytest.fixture(scope="module")

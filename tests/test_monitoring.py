@@ -12,7 +12,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +22,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, Result, base_env, forge, free_port, read_metrics
+from conftest import TINY, base_env, forge, free_port, read_metrics
+from ranks import RankResult, Ranks
 from forge_ds import data
 from forge_ds import train as train_mod
 from forge_ds.config import load_saved
@@ -75,32 +75,6 @@ def scalars(ea: EventAccumulator, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in ea.Scalars(tag)}
 
 
-def _start_ranks(args: list[str], ranks: int, cwd: Path) -> list[subprocess.Popen]:
-    """`forge-ds <args>` as `ranks` processes, like conftest.forge but in the background and keeping every rank's
-    stdout (what rank 1 prints is under test)."""
-    port, procs = str(free_port()), []
-    for rank in range(ranks):
-        env = base_env({**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        procs.append(subprocess.Popen([sys.executable, "-m", "forge_ds.cli", *args], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def _collect(procs: list[subprocess.Popen], timeout: float = 240) -> list[Result]:
-    started, results = time.time(), []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=max(1.0, timeout - (time.time() - started)))
-            results.append(Result(p.returncode, out, err, time.time() - started))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return results
-
-
 def train_args(run_dir: Path, prepared: Path, corpus: Path, *extra: str) -> list[str]:
     return ["train", *TINY, f"--output_dir={run_dir}", f"--data.source={corpus}", f"--data.prepared_dir={prepared}",
             "--training.checkpoint_every=100", *extra]
@@ -113,15 +87,15 @@ def runs(tmp_path_factory, prepared_root, repetitive_corpus) -> dict[str, Run]:
     root_a, root_b = tmp_path_factory.mktemp("monitor-a"), tmp_path_factory.mktemp("monitor-b")
     # Prepared first, by one process: two runs tokenising into the same folder at once would race.
     data.prepare(str(repetitive_corpus), vocab_size=300, prepared_dir=str(prepared), show_progress=False)
-    procs_b = _start_ranks(train_args(root_b / "run", prepared, repetitive_corpus, "--deepspeed_config=zero3",
-                                      f"--training.max_steps={STEPS_B}", f"--training.eval_every={EVAL_EVERY_B}",
-                                      "--peak_tflops=1"), 2, root_b)
+    ranks_b = Ranks(train_args(root_b / "run", prepared, repetitive_corpus, "--deepspeed_config=zero3",
+                               f"--training.max_steps={STEPS_B}", f"--training.eval_every={EVAL_EVERY_B}",
+                               "--peak_tflops=1"), 2, root_b, ONE_THREAD)
     try:
         a = forge(train_args(root_a / "run", prepared, repetitive_corpus, "--deepspeed_config=zero0",
                              f"--training.max_steps={STEPS_A}", f"--training.eval_every={EVAL_EVERY_A}",
                              f"--training.max_grad_norm={CLIP_A}"), ranks=1, cwd=root_a, env=ONE_THREAD)
     finally:
-        b0, b1 = _collect(procs_b)
+        b0, b1 = ranks_b.wait()
     assert a.returncode == 0, a.output[-3000:]
     assert b0.returncode == 0 and b1.returncode == 0, (b0.output + b1.output)[-3000:]
     return {"a": Run(root_a / "run", prepared, a.stdout, a.stderr),
@@ -354,16 +328,16 @@ def test_metrics_jsonl_and_summary_json_have_the_documented_fields(run_a):
 
 
 @pytest.fixture(scope="module")
-def commands(run_a, run_b) -> dict[str, list[Result]]:
+def commands(run_a, run_b) -> dict[str, list[RankResult]]:
     """The CLI calls on the finished runs, started together (each is mostly interpreter start-up)."""
     started = {
-        "evaluate_a": _start_ranks(["evaluate", str(run_a.dir)], 1, run_a.dir.parent),
-        "evaluate_b": _start_ranks(["evaluate", str(run_b.dir / "checkpoints" / f"step-{STEPS_B:08d}")], 2,
-                                   run_b.dir.parent),
-        "sample_a": _start_ranks(["sample", str(run_a.dir), "--prompt=the cat", "--max_new_tokens=20", "--seed=7"],
-                                 1, run_a.dir.parent),
+        "evaluate_a": Ranks(["evaluate", str(run_a.dir)], 1, run_a.dir.parent, ONE_THREAD),
+        "evaluate_b": Ranks(["evaluate", str(run_b.dir / "checkpoints" / f"step-{STEPS_B:08d}")], 2,
+                            run_b.dir.parent, ONE_THREAD),
+        "sample_a": Ranks(["sample", str(run_a.dir), "--prompt=the cat", "--max_new_tokens=20", "--seed=7"],
+                          1, run_a.dir.parent, ONE_THREAD),
     }
-    return {name: _collect(procs) for name, procs in started.items()}
+    return {name: ranks.wait() for name, ranks in started.items()}
 
 
 def _last_json(stdout: str) -> dict:
