@@ -262,14 +262,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         if argv[:1] == ["bench"]:
             return _run_bench(argv[1:])
         fire.Fire(COMMANDS, command=argv, name="forge-ds")
+        code = 0
     except ForgeError as e:
-        if distributed.rank_hint()[0] == 0:  # under a launcher the other ranks hit the same error: one line, not N
+        speaker = distributed.user_error_speaker()
+        if speaker is not None:
             one_line = " ".join(part.strip() for part in str(e).splitlines())  # a quoted OS message may hold \n
-            print(f"forge-ds: error: {one_line}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+            print(f"forge-ds: error: {speaker}{one_line}", file=sys.stderr, flush=True)
+        code = 2
     except TrainingDiverged as e:
         print(f"forge-ds: error: rank {distributed.rank_hint()[0]}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(3) from None
+        code = 3
+    except SystemExit as e:  # a command's own code (train stopped by a signal), or fire's usage errors and --help
+        if not isinstance(e.code, (int, type(None))):
+            raise
+        code = e.code or 0
+    distributed.end_process(code)
 
 
 if __name__ == "__main__":

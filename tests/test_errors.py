@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -338,6 +339,29 @@ def test_user_error_under_two_ranks_is_printed_once_by_rank_0(work, tmp_path):
     assert line.startswith(ERROR) and "nope.txt" in line and "Traceback" not in results[0].stderr
     assert ERROR not in results[1].stderr and "Traceback" not in results[1].stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("env,speaker", [
+    ({"RANK": "0", "LOCAL_RANK": "0"}, ""),
+    ({"RANK": "1", "LOCAL_RANK": "1"}, None),  # rank 0's node: rank 0 has said it
+    ({"RANK": "4", "LOCAL_RANK": "0"}, "rank 4 on {host}: "),  # another node: what only it sees must show
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "8", "SLURM_LOCALID": "0", "SLURM_NTASKS": "16"}, "rank 8 on {host}: "),
+])
+def test_a_user_error_is_said_by_rank_0_and_by_the_first_rank_of_every_other_node(monkeypatch, capsys, env, speaker):
+    from forge_ds.cli import main
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model.d_modle=64"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    if speaker is None:
+        assert err == ""
+    else:
+        assert err.startswith(f"{ERROR} {speaker.format(host=socket.gethostname())}") and "d_modle" in err, err
 
 
 def test_deepspeed_launcher_passes_on_exit_code_2_with_one_error_line(work):

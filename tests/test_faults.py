@@ -223,3 +223,20 @@ def test_long_waits_on_rank_0_pass_a_short_step_timeout_but_a_silent_rank_trips_
     assert "step 3/8" not in rank0.stdout
     assert rank0.returncode not in (0, -signal.SIGKILL), rank0.output[-3000:]  # it ended itself, with an error
     assert "Timed out" in rank0.stderr and "5000ms" in rank0.stderr  # the step timeout, not torch's 30 minutes
+
+
+def test_the_first_stop_signal_is_the_reason_a_later_one_does_not_replace_it(monkeypatch):
+    """Under SLURM the step is cancelled with SIGTERM right after the requeue that SIGUSR1 asked for; the run must
+    still report SIGUSR1 (and exit 128+10 outside SLURM, where a second signal may also land)."""
+    from forge_ds import distributed
+
+    monkeypatch.setattr(distributed, "_stop_signal", None)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        distributed.install_stop_handlers()
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGTERM)
+        assert distributed.stop_signal_name() == "SIGUSR1" and distributed.stop_signal_number() == signal.SIGUSR1
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

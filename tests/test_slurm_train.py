@@ -254,6 +254,11 @@ def test_usr1_saves_requeues_and_resumes_to_identical_weights(reference, work):
             assert time.monotonic() < deadline, f"no requeue: {info}\n{job.text()[-4000:]}"
             time.sleep(0.2)
         requeue_s = time.monotonic() - signalled
+        # SLURM holds a requeued job (BeginTime ~2 min); the test releases it at once, but not within the second
+        # the old instance's credential was revoked: slurmd compares whole seconds and would refuse the new one
+        # ("Killing non-startable batch JobId=…: Job credential revoked", the job then FAILED; seen once ranks
+        # exited without delay).
+        time.sleep(2)
         _run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"])
         info = job.wait()
     finally:
