@@ -55,7 +55,7 @@ class TrainingConfig(_Section):
     recipe: Literal["balanced", "modularforge"] = "balanced"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 0
+    num_workers: int = 0  # worker processes for tokenizing the corpus and for preparing batches ahead of the step
     compile: bool = False
     activation_checkpointing: bool = False
     max_skipped_steps: int = 20  # fp16 overflow steps in a row before we call it divergence
@@ -102,6 +102,9 @@ class Config(_Section):
             raise ValueError(f"model.vocab_size={m.vocab_size} does not fit the uint16 token files (max 65536)")
         if t.max_steps is not None and t.max_steps < 1:
             raise ValueError(f"training.max_steps={t.max_steps} must be at least 1")
+        if t.num_workers < 0:
+            raise ValueError(f"training.num_workers={t.num_workers} must be 0 (the training process loads batches "
+                             "itself) or more")
         if not 0.0 <= m.dropout < 1.0:
             raise ValueError(f"model.dropout={m.dropout} must be in [0, 1)")
         if not 0.0 < d.val_fraction < 1.0:

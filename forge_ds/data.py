@@ -487,6 +487,39 @@ class GlobalBatchSampler:
         return self.step_indices(global_step)[start:start + self.micro_batch]
 
 
+def stack_windows(windows: TokenWindows, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [windows[i] for i in indices]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item k is this rank's micro-batch `k % grad_accum` of optimizer step `k // grad_accum`: the unit a
+    DataLoader worker prepares ahead of the step. Holds no state that a resume would need: the sampler decides."""
+
+    def __init__(self, windows: TokenWindows, sampler: GlobalBatchSampler, rank: int):
+        self.windows, self.sampler, self.rank = windows, sampler, rank
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step, micro = divmod(k, self.sampler.grad_accum)
+        return stack_windows(self.windows, self.sampler.micro_indices(step, self.rank, micro))
+
+
+def micro_batches(windows: TokenWindows, sampler: GlobalBatchSampler, rank: int, first_step: int, end_step: int,
+                  *, num_workers: int, pin_memory: bool):
+    """This rank's micro-batches for optimizer steps [first_step, end_step), in loop order.
+
+    num_workers > 0 prepares them in worker processes, `2 * num_workers` ahead of the step; pinned (page-locked)
+    batches let the copy to a GPU run asynchronously, where a copy from ordinary memory first waits for the GPU to
+    finish its queue. Its own generator keeps the loader from drawing on the global RNG that dropout uses.
+    """
+    ga = sampler.grad_accum
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(windows, sampler, rank), batch_size=None, sampler=range(first_step * ga, end_step * ga),
+        num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator(),
+        prefetch_factor=2 if num_workers else None)
+    return iter(loader)
+
+
 def unigram_entropy(bin_path) -> float:
     """Entropy in nats of the token stream's unigram distribution (the loss of the best context-free predictor)."""
     tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")

@@ -6,7 +6,8 @@ Every run trains the TINY model for 2N steps in fp32 on CPU, with dropout on, an
 - straight[k]  2 ranks, ZeRO-k, 2N steps straight (checkpoints at N and 2N)
 - split[k]     2 ranks, ZeRO-k, `--stop_after_steps=N`, then `--resume` to the end. ZeRO-1's resume is first killed
                (SIGKILL of rank 1 in its last save), then resumed again: the promise holds across a crash too.
-               ZeRO-2's resume also checkpoints every step with keep_checkpoints=2 (safe changes on resume).
+               ZeRO-2's resume also checkpoints every step with keep_checkpoints=2 and loads its batches in 2
+               worker processes (safe changes on resume).
 - 2->1 / 1->2  at ZeRO-2 and ZeRO-3: straight[k]'s step-N checkpoint resumed on 1 rank with twice the gradient
                accumulation; that run's step-(N+1) checkpoint resumed on 2 ranks again.
 - warm         1 rank, ZeRO-0, --init_from=straight[2]'s export, export=best with keep_checkpoints=1.
@@ -110,7 +111,8 @@ class Runs:
             first = ok(forge(self.args(d, stage, f"--stop_after_steps={N}"), 2, env=ENV))
             if stage == 1:
                 return Run(d, [first, *self._killed_then_resumed(d, stage)])
-            extra = ["--training.checkpoint_every=1", "--training.keep_checkpoints=2"] if stage == 2 else []
+            extra = (["--training.checkpoint_every=1", "--training.keep_checkpoints=2", "--training.num_workers=2"]
+                     if stage == 2 else [])
             return Run(d, [first, ok(forge(self.args(d, stage, "--resume", *extra), 2, env=ENV))])
         return self._once(f"split{stage}", make)
 

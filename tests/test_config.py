@@ -169,6 +169,10 @@ def test_d_model_not_divisible_by_n_heads():
     assert "d_model=100" in message and "n_heads=8" in message
 
 
+def test_negative_num_workers_is_an_error():
+    assert "training.num_workers=-1" in error_of(None, {"training.num_workers": -1})
+
+
 def test_unknown_section_is_an_error(tmp_path):
     message = error_of(write_yaml(tmp_path / "c.yaml", {"optimizer": {"lr": 1}}))
     assert "optimizer" in message

@@ -353,6 +353,20 @@ def test_order_is_deterministic_by_seed_and_differs_between_epochs():
     assert a.step_indices(a.steps_per_epoch) == expected
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_micro_batches_are_the_samplers_in_loop_order_from_any_step(tmp_path, workers):
+    np.arange(5 * 40 + 1, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    windows = data.TokenWindows(tmp_path / "t.bin", 5)
+    s = data.GlobalBatchSampler(len(windows), micro_batch=3, grad_accum=2, world_size=2, seed=7)
+    first, end = 4, s.steps_per_epoch + 2  # a resumed run's range, across an epoch boundary
+    got = list(data.micro_batches(windows, s, 1, first, end, num_workers=workers, pin_memory=False))
+    assert len(got) == (end - first) * 2
+    for k, (x, y) in enumerate(got):
+        step, micro = divmod(first * 2 + k, 2)
+        want = s.micro_indices(step, 1, micro)
+        assert x[:, 0].tolist() == [5 * i for i in want] and torch.equal(y[:, :-1], x[:, 1:])
+
+
 def test_too_few_samples_for_one_global_batch_is_a_forge_error():
     with pytest.raises(ForgeError, match="fewer than one global batch of 16"):
         data.GlobalBatchSampler(15, 4, 2, 2, 0)
