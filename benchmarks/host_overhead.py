@@ -29,12 +29,12 @@ SHAPE = ["--d_model", "64", "--n_heads", "4", "--n_layers", "12", "--d_ff", "128
 
 
 def variants(workdir: Path) -> dict[str, str | None]:
-    """Name -> DeepSpeed JSON (None: the plain PyTorch loop). "DeepSpeed defaults" undoes forge_ds's two host-cost
-    choices (overlap_comm off alone, no bf16 gradient scan) to show what they save."""
+    """Name -> DeepSpeed JSON (None: the plain PyTorch loop). "DeepSpeed defaults" undoes forge_ds's host-cost
+    choices (overlap_comm and contiguous_gradients off alone, no bf16 gradient scan) to show what they save."""
     from forge_ds.ds_config import load_ds_config
 
     ds_defaults = load_ds_config("zero2")
-    ds_defaults["zero_optimization"]["overlap_comm"] = True
+    ds_defaults["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
     ds_defaults["bf16"]["check_grad_overflow"] = True
     path = workdir / "zero2_deepspeed_defaults.json"
     path.write_text(json.dumps(ds_defaults))
@@ -93,7 +93,10 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="forge-host-")).resolve()
     if args._child:
         name, ds = args._child
+        from forge_ds import distributed
+
         print("RESULT " + json.dumps(child(name, None if ds == "-" else ds, args.precision, workdir, args.steps)))
+        distributed.end_process(0)  # as `forge-ds train` ends: no teardown abort (-6) after the result is out
         return {}
 
     from forge_ds import data

@@ -167,8 +167,10 @@ def resolve_ds_config(ds: dict, *, micro_batch: int, grad_accum: int, world_size
     if secs["bf16"].get("check_grad_overflow", "auto") == "auto":
         secs["bf16"]["check_grad_overflow"] = False
 
-    # overlap_comm overlaps gradient reduction with backward across ranks; alone there is nothing to overlap and
-    # its double buffers and stream syncs are pure host cost.
-    if isinstance(zero, dict) and zero.get("overlap_comm") == "auto":
-        zero["overlap_comm"] = world_size > 1
+    # Both serve the gradient reduction across ranks: overlap_comm overlaps it with backward, contiguous_gradients
+    # copies every gradient into the reduction bucket as it is made (one copy and one Python hook per parameter
+    # tensor). Alone there is nothing to reduce, and both are pure host cost (benchmarks/host_overhead.py).
+    for key in ("overlap_comm", "contiguous_gradients"):
+        if isinstance(zero, dict) and zero.get(key) == "auto":
+            zero[key] = world_size > 1
     return ds

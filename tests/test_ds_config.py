@@ -94,14 +94,15 @@ def test_torch_adam_choice():
     assert resolve(off, device="cpu")["optimizer"]["params"]["torch_adam"] is False
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
-def test_overlap_comm_only_with_something_to_overlap(name):
-    assert resolve(load_ds_config(name), world_size=2)["zero_optimization"]["overlap_comm"] is True
+@pytest.mark.parametrize("name,key", [("zero1", "overlap_comm"), ("zero2", "overlap_comm"), ("zero3", "overlap_comm"),
+                                      ("zero1", "contiguous_gradients"), ("zero2", "contiguous_gradients")])
+def test_reduction_helpers_only_with_ranks_to_reduce_across(name, key):
+    assert resolve(load_ds_config(name), world_size=2)["zero_optimization"][key] is True
     assert resolve(load_ds_config(name), world_size=1, micro_batch=4, grad_accum=3)["zero_optimization"][
-        "overlap_comm"] is False
+        key] is False
     explicit = load_ds_config(name)
-    explicit["zero_optimization"]["overlap_comm"] = True  # a user's explicit choice is kept
-    assert resolve(explicit, world_size=1)["zero_optimization"]["overlap_comm"] is True
+    explicit["zero_optimization"][key] = True  # a user's explicit choice is kept
+    assert resolve(explicit, world_size=1)["zero_optimization"][key] is True
 
 
 def test_bf16_gradient_scan_off_unless_asked_for():
