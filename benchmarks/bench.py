@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,8 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a checkout without `pip install -e .` (e.g. a bare GPU machine) still imports forge_ds
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling quality.py, also when loaded by `forge-ds bench`
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings (quality, local_ranks), also under `forge-ds bench`
 
+from local_ranks import job_env, run_ranks  # noqa: E402
 from quality import versions  # noqa: E402
 
 SHAPES = {  # d_model, n_heads, n_layers, d_ff, seq_len, vocab, per-rank batch
@@ -448,12 +448,8 @@ def launch_to_first_step(args, runs: int) -> list[dict]:
                    "training.device": args.device, "training.log_every": 1, "training.max_steps": 1000,
                    "training.eval_every": 10**9, "training.checkpoint_every": 10**9,
                    "data.prepared_dir": args.prepared_dir}.items()]]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT) + os.pathsep +
-               os.environ.get("PYTHONPATH", "")}
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         marks = {}
         for line in proc.stdout:
             now = time.perf_counter() - started
@@ -470,21 +466,6 @@ def launch_to_first_step(args, runs: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ driver
-
-
-def spawn_ranks(argv: list[str], ranks: int) -> int:
-    """Re-run this script as `ranks` processes with env:// variables (what a launcher does)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = []
-    for rank in range(ranks):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--_rank_child"], env=env,
-                                      stdout=None if rank == 0 else subprocess.DEVNULL))
-    return max(p.wait() for p in procs)
 
 
 def print_table(r: dict) -> None:
@@ -571,9 +552,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         return quality.main(argv)
     args = parse(argv)
     if args._rank_child:
+        from forge_ds import distributed
+
         report = rank_main(args)
         if report is not None:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        distributed.end_process(0)  # a rank exits as `forge-ds train` does: no teardown abort (-6) after the work
         return report
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="forge-bench-")).resolve()
@@ -588,14 +572,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     child = argv + [  # argparse keeps the last of repeated flags
         f"--run_dir={args.run_dir}", f"--prepared_dir={args.prepared_dir}", f"--json={args.json}"]
     started = time.time()
-    if args.ranks > 1:
-        code = spawn_ranks(child, args.ranks)
-    else:
-        code = subprocess.call([sys.executable, __file__, *child, "--_rank_child"],
-                               env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep +
-                                    os.environ.get("PYTHONPATH", "")})
-    if code:
-        raise SystemExit(f"bench: the benchmark process failed (exit {code})")
+    # This script again, as the ranks (one process: no rank variables); rank 0's output shows as it comes.
+    ranks = run_ranks([sys.executable, __file__, *child, "--_rank_child"], args.ranks, echo=True)
+    if not ranks.ok:
+        raise SystemExit(f"bench: the benchmark process failed ({ranks.failure()})")
     report = json.loads(Path(args.json).read_text())
     if args.launch:
         report["launch"] = launch_to_first_step(args, args.launch)

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a checkout without `pip install -e .` (e.g. a bare GPU machine) still imports forge_ds
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling local_ranks.py, also when loaded by bench.py
+
+from local_ranks import run_ranks
+
 REPORT_STEPS = (100, 300, 500, 600, 1000, 1500)
 GLOBAL_BATCH = 16
 
@@ -100,30 +103,10 @@ def smoothed(train: dict[int, float], step: int, width: int = 20) -> float | Non
 
 def run_training(run_dir: Path, args: list[str], ranks: int, log: Path) -> float:
     """`forge-ds train` as `ranks` processes with env:// variables (what a launcher does); returns wall seconds."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT") and not k.startswith("SLURM_")}
-    base.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                 "PYTHONPATH": str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")})
     started = time.time()
-    procs = []
-    with open(log, "w") as out:
-        for rank in range(ranks):
-            env = dict(base)
-            if ranks > 1:
-                env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-            cmd = [sys.executable, "-m", "forge_ds.cli", "train", *args]
-            procs.append(subprocess.Popen(cmd, env=env, cwd=run_dir.parent, stdout=out if rank == 0 else
-                                          subprocess.DEVNULL, stderr=subprocess.STDOUT if rank == 0 else out))
-        codes = [p.wait() for p in procs]
-    if any(codes):
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise SystemExit(f"quality: forge-ds train failed (exit codes {codes}); log {log}:\n{tail}")
+    result = run_ranks([sys.executable, "-m", "forge_ds.cli", "train", *args], ranks, cwd=run_dir.parent, log=log)
+    if not result.ok:
+        raise SystemExit(f"quality: forge-ds train failed ({result.failure(15)}); log {log}")
     return time.time() - started
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 from conftest import ROOT, base_env
 
@@ -55,3 +56,25 @@ def test_quality_bench_reports_validation_curve_beside_the_unigram_line(tmp_path
     train_tokens = np.fromfile(prepared / "train.bin", dtype=np.uint16).size
     assert report["data"]["train_tokens"] == train_tokens
     assert report["data"]["train_windows"] == (train_tokens - 1) // 64
+
+
+def test_export_memory_bench_measures_the_live_export_on_rank_0(tmp_path):
+    out, work = tmp_path / "mem.json", tmp_path / "w"
+    # 4.5 MiB of tensors (mostly the 8192 x 128 embedding): the export's own demand stands well clear of page noise.
+    run_script([str(ROOT / "benchmarks" / "export_memory.py"), "--d_model", "128", "--n_heads", "4",
+                "--n_layers", "2", "--d_ff", "256", "--vocab", "8192", "--seq", "64", "--workdir", str(work),
+                "--json", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    live = {(r["zero_stage"], r["reader"]): r for r in rows if r["reader"].startswith("live export")}
+    assert set(live) == {(stage, reader) for stage in (2, 3)
+                         for reader in ("live export, rank 0", "live export, rank 0, heap trimmed")}
+    for (stage, reader), r in live.items():
+        # The bytes the growth is compared with are those of the tensors in the file that run wrote, the tied
+        # embedding once.
+        written = torch.load(r["export_file"], map_location="cpu", weights_only=True)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in written.values()}
+        assert r["shared_fp32_mib"] * 2**20 == sum(storages.values()) > 4 * 2**20, (stage, reader)
+        assert r["peak_growth_mib"] < 3 * r["shared_fp32_mib"], (stage, reader, r)
+        if reader.endswith("heap trimmed"):
+            # With freed memory handed back first, the export's own demand shows: it holds every tensor at once.
+            assert r["peak_growth_mib"] > 0.5 * r["shared_fp32_mib"], (stage, reader, r)
