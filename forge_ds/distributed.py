@@ -160,8 +160,8 @@ def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 
 
-def world_size() -> int:
-    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+def world_size(group=None) -> int:
+    return torch_dist.get_world_size(group) if torch_dist.is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -180,6 +180,30 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def concat_on_main(piece: torch.Tensor, sizes: list[int]) -> Optional[torch.Tensor]:
+    """Collective. Rank r holds `piece`, 1-D with sizes[r] elements; rank 0 returns all of them concatenated in rank
+    order as one new fp32 CPU tensor, each received straight into its place (no staging copy of the whole), the
+    other ranks None."""
+    on_gpu = torch_dist.get_backend() == "nccl"
+    if not is_main():
+        if piece.numel():
+            torch_dist.send(piece.to("cuda" if on_gpu else "cpu", torch.float32).contiguous(), dst=0)
+        return None
+    out, start = torch.empty(sum(sizes), dtype=torch.float32), 0
+    for source, size in enumerate(sizes):
+        place = out.narrow(0, start, size)
+        if source == 0:
+            place.copy_(piece)
+        elif size and on_gpu:  # NCCL moves device memory only: one piece at a time passes through the GPU
+            received = torch.empty(size, dtype=torch.float32, device="cuda")
+            torch_dist.recv(received, src=source)
+            place.copy_(received)
+        elif size:
+            torch_dist.recv(place, src=source)
+        start += size
+    return out
 
 
 def gather_object(obj: Any) -> list:

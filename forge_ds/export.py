@@ -9,6 +9,7 @@ from the memory-mapped shards).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -49,13 +50,22 @@ def _assemble(get, n_layers: int, max_seq_len: int, d_model: int, frozen: dict[s
 
 def gather_live(engine, n_layers: int, max_seq_len: int, d_model: int, frozen: dict[str, torch.Tensor]) -> dict:
     """Collective (every rank calls it in the same order). Reads each shared parameter's fp32 master copy; the
-    dummy experts are never gathered. Returns the dict on rank 0, which writes it; the other ranks take part in
-    each gather and drop the result (their dict holds empty placeholders), so they hold no copy of the weights."""
+    dummy experts are never gathered. Returns the dict on rank 0, which writes it; the other ranks send rank 0
+    their slices of each master (their dict holds empty placeholders), so they hold no copy of the weights.
+
+    Partitioned masters (ZeRO-1/2/3, and bf16 at ZeRO-0) go to rank 0 slice by slice, each straight into its place
+    in the one tensor rank 0 keeps: DeepSpeed's safe_get_full_fp32_param would build a full copy on every rank
+    (an all-reduce of a zero-filled buffer at ZeRO-1/2, a padded all-gather at ZeRO-3 that rank 0 must copy out
+    of), up to twice the largest tensor at rank 0's peak."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     params, main = dict(engine.module.shared.named_parameters()), distributed.is_main()
 
     def get(key: str) -> torch.Tensor:
+        slices = _master_slices(params[key]) if distributed.world_size() > 1 else None
+        if slices is not None:
+            out = distributed.concat_on_main(*slices)
+            return torch.empty(0) if out is None else out.view(getattr(params[key], "ds_shape", params[key].shape))
         full = safe_get_full_fp32_param(params[key])
         if not main:
             return torch.empty(0)
@@ -67,6 +77,35 @@ def gather_live(engine, n_layers: int, max_seq_len: int, d_model: int, frozen: d
         return out if out.untyped_storage().nbytes() == out.numel() * out.element_size() else out.clone()
 
     return _assemble(get, n_layers, max_seq_len, d_model, frozen)
+
+
+def _master_slices(param) -> Optional[tuple[torch.Tensor, list[int]]]:
+    """(this rank's slice of the parameter's flattened fp32 master, every rank's slice length), when the slices lie
+    in rank order over the default group; None otherwise (then DeepSpeed's own gather is used). Every rank gets
+    the same answer, so every rank takes the same path."""
+    world, rank = distributed.world_size(), distributed.rank()
+    z3 = getattr(param, "_z3_optimizer", None)
+    if z3 is not None:  # ZeRO-3: each rank holds ceil(numel / world) elements, the last rank's padded
+        if distributed.world_size(z3._get_param_partition_group(param)) != world:
+            return None
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(param).reshape(-1)
+        sizes = [max(0, min(local.numel(), param.ds_numel - r * local.numel())) for r in range(world)]
+        return local.narrow(0, 0, sizes[rank]), sizes
+    if not hasattr(param, "_hp_mapping") or distributed.world_size(getattr(param, "_dp_group", None)) != world:
+        return None
+    # ZeRO-1/2 (and bf16 at ZeRO-0): a rank holds the fragment of this parameter that falls in its partition of the
+    # flat fp32 buffer, or none of it.
+    mapping = param._hp_mapping
+    piece = mapping.get_hp_fragment().reshape(-1) if mapping is not None else torch.empty(0)
+    start = mapping.lp_fragment_address.start if mapping is not None else 0
+    layout = distributed.gather_object((start, piece.numel()))
+    owned = [(s, n) for s, n in layout if n]
+    if [s for s, _ in owned] != list(itertools.accumulate([0] + [n for _, n in owned[:-1]])) \
+            or sum(n for _, n in owned) != param.numel():
+        return None
+    return piece, [n for _, n in layout]
 
 
 def gather_from_checkpoint(ckpt: Path, n_layers: int, max_seq_len: int, d_model: int,
