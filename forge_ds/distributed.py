@@ -182,24 +182,24 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def collectives_on_host() -> bool:
+    """Collectives move host memory (gloo, CPU ranks), so what they gather counts against the machine's RAM."""
+    return torch_dist.is_initialized() and torch_dist.get_backend() == "gloo"
+
+
 def concat_on_main(piece: torch.Tensor, sizes: list[int]) -> Optional[torch.Tensor]:
-    """Collective. Rank r holds `piece`, 1-D with sizes[r] elements; rank 0 returns all of them concatenated in rank
-    order as one new fp32 CPU tensor, each received straight into its place (no staging copy of the whole), the
-    other ranks None."""
-    on_gpu = torch_dist.get_backend() == "nccl"
+    """Collective, over host memory (collectives_on_host). Rank r holds `piece`, 1-D with sizes[r] elements; rank 0
+    returns all of them concatenated in rank order as one new fp32 CPU tensor, each received straight into its
+    place (no staging copy of the whole), the other ranks None."""
     if not is_main():
         if piece.numel():
-            torch_dist.send(piece.to("cuda" if on_gpu else "cpu", torch.float32).contiguous(), dst=0)
+            torch_dist.send(piece.to(torch.float32).contiguous(), dst=0)
         return None
     out, start = torch.empty(sum(sizes), dtype=torch.float32), 0
     for source, size in enumerate(sizes):
         place = out.narrow(0, start, size)
         if source == 0:
             place.copy_(piece)
-        elif size and on_gpu:  # NCCL moves device memory only: one piece at a time passes through the GPU
-            received = torch.empty(size, dtype=torch.float32, device="cuda")
-            torch_dist.recv(received, src=source)
-            place.copy_(received)
         elif size:
             torch_dist.recv(place, src=source)
         start += size

@@ -53,16 +53,19 @@ def gather_live(engine, n_layers: int, max_seq_len: int, d_model: int, frozen: d
     dummy experts are never gathered. Returns the dict on rank 0, which writes it; the other ranks send rank 0
     their slices of each master (their dict holds empty placeholders), so they hold no copy of the weights.
 
-    Partitioned masters (ZeRO-1/2/3, and bf16 at ZeRO-0) go to rank 0 slice by slice, each straight into its place
-    in the one tensor rank 0 keeps: DeepSpeed's safe_get_full_fp32_param would build a full copy on every rank
-    (an all-reduce of a zero-filled buffer at ZeRO-1/2, a padded all-gather at ZeRO-3 that rank 0 must copy out
-    of), up to twice the largest tensor at rank 0's peak."""
+    On CPU ranks, partitioned masters (ZeRO-1/2/3, and bf16 at ZeRO-0) go to rank 0 slice by slice, each straight
+    into its place in the one tensor rank 0 keeps: DeepSpeed's safe_get_full_fp32_param would build a full copy on
+    every rank (an all-reduce of a zero-filled buffer at ZeRO-1/2, a padded all-gather at ZeRO-3 that rank 0 must
+    copy out of), up to twice the largest tensor at rank 0's peak in RAM."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     params, main = dict(engine.module.shared.named_parameters()), distributed.is_main()
+    # On GPUs DeepSpeed's full copies live in device memory and rank 0 copies each to the host once: its own
+    # gather stays there (and NCCL point-to-point is not tested here).
+    by_slices = distributed.collectives_on_host() and distributed.world_size() > 1
 
     def get(key: str) -> torch.Tensor:
-        slices = _master_slices(params[key]) if distributed.world_size() > 1 else None
+        slices = _master_slices(params[key]) if by_slices else None
         if slices is not None:
             out = distributed.concat_on_main(*slices)
             return torch.empty(0) if out is None else out.view(getattr(params[key], "ds_shape", params[key].shape))
