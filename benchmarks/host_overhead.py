@@ -38,8 +38,12 @@ def variants(workdir: Path) -> dict[str, str | None]:
     ds_defaults["bf16"]["check_grad_overflow"] = True
     path = workdir / "zero2_deepspeed_defaults.json"
     path.write_text(json.dumps(ds_defaults))
-    return {"plain": None, "zero2 (DeepSpeed defaults)": str(path), "zero2 (shipped)": "zero2",
-            "zero1 (shipped)": "zero1", "zero0 (shipped)": "zero0"}
+    contiguous = load_ds_config("zero2")
+    contiguous["zero_optimization"]["contiguous_gradients"] = True
+    contiguous_path = workdir / "zero2_contiguous_gradients.json"
+    contiguous_path.write_text(json.dumps(contiguous))
+    return {"plain": None, "zero2 (DeepSpeed defaults)": str(path), "zero2 (contiguous grads)": str(contiguous_path),
+            "zero2 (shipped)": "zero2", "zero1 (shipped)": "zero1", "zero0 (shipped)": "zero0"}
 
 
 def child(name: str, ds: str | None, precision: str, workdir: Path, steps: int) -> dict:
