@@ -260,18 +260,23 @@ def profile_chunk(name: str, fn, device: str, top: int = 12) -> dict:
 # ------------------------------------------------------------------------------------------ one rank's benchmark
 
 
+def run_overrides(args) -> dict:
+    """The training config of every forge_ds run the benchmark makes (timed in-process, or launched), as
+    section.field values."""
+    return {"model.d_model": args.d_model, "model.n_heads": args.n_heads, "model.n_layers": args.n_layers,
+            "model.d_ff": args.d_ff, "model.max_seq_len": args.seq_len, "model.vocab_size": args.vocab,
+            "model.dropout": 0.1, "training.batch_size": args.batch_size, "training.max_steps": 1_000_000,
+            "training.warmup_steps": 20, "training.learning_rate": 3e-4, "training.precision": args.precision,
+            "training.device": args.device, "training.compile": args.compile,
+            "training.activation_checkpointing": args.activation_checkpointing,
+            "training.eval_every": 10**9, "training.checkpoint_every": 10**9, "training.log_every": 10**9,
+            "data.source": "builtin:pydoc", "data.prepared_dir": args.prepared_dir}
+
+
 def build_config(args):
     from forge_ds.config import resolve
 
-    overrides = {"model.d_model": args.d_model, "model.n_heads": args.n_heads, "model.n_layers": args.n_layers,
-                 "model.d_ff": args.d_ff, "model.max_seq_len": args.seq_len, "model.vocab_size": args.vocab,
-                 "model.dropout": 0.1, "training.batch_size": args.batch_size, "training.max_steps": 1_000_000,
-                 "training.warmup_steps": 20, "training.learning_rate": 3e-4, "training.precision": args.precision,
-                 "training.device": args.device, "training.compile": args.compile,
-                 "training.activation_checkpointing": args.activation_checkpointing,
-                 "training.eval_every": 10**9, "training.checkpoint_every": 10**9, "training.log_every": 10**9,
-                 "data.source": "builtin:pydoc", "data.prepared_dir": args.prepared_dir}
-    return resolve(None, overrides)[0]
+    return resolve(None, run_overrides(args))[0]
 
 
 def rank_main(args) -> dict | None:
@@ -441,13 +446,7 @@ def launch_to_first_step(args, runs: int) -> list[dict]:
         run_dir = Path(args.run_dir).parent / f"launch-{i}"
         cmd = [sys.executable, "-m", "forge_ds.cli", "train", f"--output_dir={run_dir}", "--overwrite",
                f"--deepspeed_config={args.deepspeed_config or f'zero{args.zero}'}", "--stop_after_steps=1",
-               *[f"--{k}={v}" for k, v in {
-                   "model.d_model": args.d_model, "model.n_heads": args.n_heads, "model.n_layers": args.n_layers,
-                   "model.d_ff": args.d_ff, "model.max_seq_len": args.seq_len, "model.vocab_size": args.vocab,
-                   "training.batch_size": args.batch_size, "training.precision": args.precision,
-                   "training.device": args.device, "training.log_every": 1, "training.max_steps": 1000,
-                   "training.eval_every": 10**9, "training.checkpoint_every": 10**9,
-                   "data.prepared_dir": args.prepared_dir}.items()]]
+               *[f"--{k}={v}" for k, v in {**run_overrides(args), "training.log_every": 1}.items()]]
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         marks = {}
