@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: bench, local_ranks
+
+from local_ranks import run_ranks  # noqa: E402
 SHAPE = ["--d_model", "64", "--n_heads", "4", "--n_layers", "12", "--d_ff", "128", "--vocab", "512",
          "--seq_len", "32", "--batch_size", "2"]
 
@@ -108,18 +110,13 @@ def main(argv=None) -> dict:
     data.prepare("builtin:pydoc", vocab_size=512, prepared_dir=str(workdir / "prepared"), show_progress=False)
     configs = variants(workdir)
     results: dict[str, list[dict]] = {name: [] for name in configs}
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}{os.pathsep}"
-           + os.environ.get("PYTHONPATH", "")}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     for _ in range(args.rounds):
         for name, ds in configs.items():
-            out = subprocess.run([sys.executable, __file__, "--_child", name, ds or "-", "--workdir", str(workdir),
-                                  "--steps", str(args.steps), "--precision", args.precision],
-                                 env=env, capture_output=True, text=True)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            child_run = run_ranks([sys.executable, __file__, "--_child", name, ds or "-", "--workdir", str(workdir),
+                                   "--steps", str(args.steps), "--precision", args.precision], 1)
+            line = next((l for l in child_run.outputs[0].splitlines() if l.startswith("RESULT ")), None)
             if line is None:
-                raise SystemExit(f"host_overhead: {name} failed:\n{out.stderr[-2000:]}")
+                raise SystemExit(f"host_overhead: {name} failed ({child_run.failure()})")
             results[name].append(json.loads(line[len("RESULT "):]))
     plain = statistics.median(r["wall_ms_per_step"] for r in results["plain"])
     print(f"\nhost cost per step, {args.precision}, d64 L12 T32 B2 (compute negligible), {args.rounds} rounds, "

@@ -78,21 +78,20 @@ def detect(cli_local_rank: Optional[int] = None) -> Env:
                hostname=socket.gethostname())
 
 
-def rank_hint() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the environment without initialising anything; for error printing."""
+def rank_hint() -> tuple[int, int]:
+    """(rank, local rank) from the environment without initialising anything; for error printing."""
     e = os.environ
     in_step = "SLURM_STEP_ID" in e
     rank = e.get("RANK") or (e.get("SLURM_PROCID") if in_step else None) or "0"
-    world = e.get("WORLD_SIZE") or (e.get("SLURM_NTASKS") if in_step else None) or "1"
     local = e.get("LOCAL_RANK") or (e.get("SLURM_LOCALID") if in_step else None) or "0"
-    return int(rank), int(world), int(local)
+    return int(rank), int(local)
 
 
 def user_error_speaker() -> Optional[str]:
     """Who prints a user error, and how it is named: "" for rank 0, "rank N on HOST: " for the first rank of each
     other node, None (quiet) for the rest. Under a launcher every rank hits the same bad input and rank 0 says it
     once; the other nodes speak too so that what only one node sees (a path missing there) is never silent."""
-    rank, _, local_rank = rank_hint()
+    rank, local_rank = rank_hint()
     if rank == 0:
         return ""
     return f"rank {rank} on {socket.gethostname()}: " if local_rank == 0 else None
