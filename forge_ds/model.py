@@ -36,20 +36,59 @@ class PositionalEncoding(nn.Module):
         self.register_buffer("pe", sinusoidal_table(max_seq_len, d_model), persistent=True)
 
 
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of a CPU tensor, about 4x faster than torch's, from the same generator.
+
+    torch's CPU dropout draws one float per element (`bernoulli_`, ~6 ns each): a fifth of a CPU training step at
+    the benchmark shape. Here each 64-bit draw gives four 16-bit lanes and an element is kept iff its lane is at or
+    above p * 2^16, so the drop rate is p rounded to a multiple of 2^-16 (off by at most 7.7e-6; torch's own mask
+    is quantised too, to 2^-24) and kept values are scaled by 1 / (1 - that rate), so the expectation is exact.
+    It draws from torch's default CPU generator, so seeding, resume and activation checkpointing's RNG replay
+    treat it exactly as they treat torch's dropout.
+    """
+    dropped_lanes = round(p * 65536)
+    if dropped_lanes >= 65536:
+        return F.dropout(x, p, training=True)
+    lanes = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)
+    keep = lanes[:x.numel()].view(x.shape) >= dropped_lanes - 32768
+    return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped_lanes))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same state, same meaning) with `cpu_dropout` for CPU tensors; GPUs keep torch's fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0 and x.device.type == "cpu":
+            return cpu_dropout(x, self.p)
+        return super().forward(x)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d_head) + causal mask) with dropout on the weights, times v; [B, H, S, d_head]."""
+    if dropout == 0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    # torch's fused CPU kernel takes no dropout, so SDPA would run this same math with torch's slow mask;
+    # written out, the weights get cpu_dropout. Softmax in fp32, as SDPA's kernels accumulate under bf16.
+    S = q.shape[-2]
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)
+    scores = scores.masked_fill_(torch.ones(S, S, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return cpu_dropout(weights, dropout) @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)  # rows: q, k, v; head h owns rows h*dh..
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        self.out_dropout = nn.Dropout(dropout)
+        self.out_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, d = x.shape
         q, k, v = (t.view(B, S, self.n_heads, d // self.n_heads).transpose(1, 2)
                    for t in self.qkv_proj(x).split(d, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         return self.out_dropout(self.out_proj(y.transpose(1, 2).reshape(B, S, d)))
 
 
@@ -78,7 +117,7 @@ class SharedComponents(nn.Module):
         self.output_norm = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied: one Parameter, two state-dict keys
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         S, T = input_ids.shape[1], self.pos_encoding.pe.shape[1]
@@ -101,7 +140,7 @@ class ExpertFFN(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(self.norm(h))))))  # exact GELU

@@ -269,3 +269,75 @@ def test_activation_checkpointing_gives_same_loss_and_grads(dropout, monkeypatch
             assert torch.allclose(p.grad, gc[n].grad, atol=1e-6), n
     ckpt.eval()(x)
     assert len(calls) == L  # no checkpointing outside training
+
+
+# ---------------------------------------------------------------- dropout on CPU (cpu_dropout, causal_attention)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_drops_at_rate_p_and_scales_kept_values_to_keep_the_mean(p):
+    n = 1 << 20
+    out = M.cpu_dropout(torch.ones(n), p)
+    rate = round(p * 65536) / 65536  # p on the 2^-16 grid the mask uses
+    assert abs(rate - p) <= 2 ** -17
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n), dropped  # binomial, 5 sigma
+    kept = out[out != 0]
+    assert torch.all(kept == torch.tensor(1 / (1 - rate), dtype=torch.float32))  # exactly one scale, unbiased
+    assert abs(out.double().mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / n)
+
+
+def test_cpu_dropout_is_seeded_by_torch_and_its_gradient_is_the_mask():
+    x = torch.randn(3, 1000, requires_grad=True)
+    torch.manual_seed(7)
+    a = M.cpu_dropout(x, 0.3)
+    torch.manual_seed(7)
+    b = M.cpu_dropout(x, 0.3)
+    c = M.cpu_dropout(x, 0.3)  # the generator moved on
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    g = torch.randn_like(x)
+    a.backward(g)
+    assert torch.allclose(x.grad, g * (a / x).detach(), rtol=1e-6)  # dropped elements get no gradient
+    assert M.cpu_dropout(torch.ones(8, dtype=torch.bfloat16), 0.5).dtype == torch.bfloat16
+
+
+def test_model_dropout_modules_use_the_cpu_mask_in_training_only():
+    m = tiny(dropout=0.5)
+    kinds = {type(mod) for mod in m.modules() if isinstance(mod, torch.nn.Dropout)}
+    assert kinds == {M.Dropout}  # every dropout site of the contract: embedding, attention output, expert (2x)
+    x = torch.ones(4, 4096)
+    torch.manual_seed(1)
+    expected = M.cpu_dropout(x, 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(m.shared.dropout.train()(x), expected)
+    assert torch.equal(m.shared.dropout.eval()(x), x)
+
+
+def qkv(S=16, heads=2, dh=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, S, dh, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def test_written_out_cpu_attention_equals_sdpa_when_nothing_is_dropped():
+    q, k, v = qkv()
+    # p below half a lane (2^-17) drops nothing, so the CPU training path runs with an all-ones mask.
+    ours = M.causal_attention(q, k, v, 1e-6)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(ours, sdpa, atol=1e-6)
+    g = torch.randn_like(ours)
+    grads_ours = torch.autograd.grad(ours, (q, k, v), g)
+    grads_sdpa = torch.autograd.grad(sdpa, (q, k, v), g)
+    for a, b in zip(grads_ours, grads_sdpa):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cpu_attention_dropout_falls_on_the_weights_and_is_unbiased():
+    q, k, v = (t.detach() for t in qkv(S=6, heads=1, dh=4))
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.manual_seed(0)
+    draws = torch.stack([M.causal_attention(q, k, v, 0.5) for _ in range(4000)])
+    # Position 0 attends to itself only, with weight 1: dropped, or kept and scaled by exactly 2.
+    first = draws[:, 0, 0, 0]
+    assert {tuple(r.tolist()) for r in first.unique(dim=0)} == {(0.0,) * 4, tuple((2 * v[0, 0, 0]).tolist())}
+    mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert torch.all((mean - reference).abs() <= 5 * stderr + 1e-6)
