@@ -39,10 +39,10 @@ class PositionalEncoding(nn.Module):
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout of a CPU tensor, about 4x faster than torch's, from the same generator.
 
-    torch's CPU dropout draws one float per element (`bernoulli_`, ~6 ns each): a fifth of a CPU training step at
-    the benchmark shape. Here each 64-bit draw gives four 16-bit lanes and an element is kept iff its lane is at or
-    above p * 2^16, so the drop rate is p rounded to a multiple of 2^-16 (off by at most 7.7e-6; torch's own mask
-    is quantised too, to 2^-24) and kept values are scaled by 1 / (1 - that rate), so the expectation is exact.
+    torch's CPU dropout draws one float per element (`bernoulli_`, ~6 ns each): about a sixth of a CPU training
+    step at the benchmark shape. Here each 64-bit draw gives four 16-bit lanes and an element is kept iff its lane
+    is at or above p * 2^16, so the drop rate is p rounded to a multiple of 2^-16 (off by at most 2^-17: 0.1 becomes
+    0.1000061) and kept values are scaled by 1 / (1 - that rate), so the expectation is exact.
     It draws from torch's default CPU generator, so seeding, resume and activation checkpointing's RNG replay
     treat it exactly as they treat torch's dropout.
     """
