@@ -574,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     # This script again, as the ranks (one process: no rank variables); rank 0's output shows as it comes.
     ranks = run_ranks([sys.executable, __file__, *child, "--_rank_child"], args.ranks, echo=True)
     if not ranks.ok:
+        if ranks.user_error():  # bad input: its one line is already on screen, echoed from rank 0
+            raise SystemExit(2)
         raise SystemExit(f"bench: the benchmark process failed ({ranks.failure()})")
     report = json.loads(Path(args.json).read_text())
     if args.launch:
@@ -589,4 +591,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Through the CLI, as `forge-ds bench`: bad input is one line and exit 2 here too, in the ranks as well.
+    from forge_ds.cli import main as cli_main
+
+    cli_main(["bench", *sys.argv[1:]])

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from conftest import ROOT, base_env
+from conftest import ERROR, ROOT, base_env, user_error_line
 
 TINY_SHAPE = ["--d_model", "32", "--n_heads", "4", "--n_layers", "2", "--d_ff", "64", "--vocab", "300",
               "--seq_len", "32", "--batch_size", "4"]
@@ -39,6 +39,26 @@ def test_throughput_bench_compares_loops_and_accounts_model_state(tmp_path):
     assert abs(report["model_state_over_formula"] - 1.0) < 0.05, report["model_state_bytes_per_rank"]
     assert set(report["profile"]) == {"ours", "plain"}
     assert "profile (forge_ds, one chunk)" in result.stdout and "ours/plain tokens/s: median" in result.stdout
+
+
+def test_throughput_bench_bad_input_is_one_line_and_exit_2(tmp_path):
+    # The ranks find it (the global batch is larger than the data): rank 0's line, echoed once, and no traceback.
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), *TINY_SHAPE,
+                             "--batch_size", "100000", "--workdir", str(tmp_path / "w")],
+                            cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith(ERROR)]
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    assert "fewer than one global batch of 100000" in lines[0]
+
+
+def test_quality_bench_passes_on_forge_ds_trains_user_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--steps", "5",
+                             "--workdir", str(tmp_path / "w"), "--model.vocab_size=300", "--model.n_heads=3"],
+                            cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=600)
+    line = user_error_line(result)
+    assert "n_heads=3" in line and "divides d_model" in line
 
 
 def test_quality_bench_reports_validation_curve_beside_the_unigram_line(tmp_path):
