@@ -277,6 +277,7 @@ def test_activation_checkpointing_gives_same_loss_and_grads(dropout, monkeypatch
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_cpu_dropout_drops_at_rate_p_and_scales_kept_values_to_keep_the_mean(p):
     n = 1 << 20
+    torch.manual_seed(0)  # statistical bounds below, on a fixed draw: the test cannot flake
     out = M.cpu_dropout(torch.ones(n), p)
     rate = round(p * 65536) / 65536  # p on the 2^-16 grid the mask uses
     assert abs(rate - p) <= 2 ** -17
