@@ -21,7 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-USER_ERROR = "forge-ds: error: "  # how forge_ds.cli prints a user error (one line, exit 2)
 
 
 @dataclass
@@ -34,10 +33,14 @@ class Ranks:
         return not any(self.codes)
 
     def user_error(self) -> str | None:
-        """The `forge-ds: error:` line of a job that ended on a user error (each failed rank exited 2), else None."""
+        """The message of the `forge-ds: error:` line of a job that ended on a user error (each failed rank exited
+        2), else None."""
+        from forge_ds.errors import USER_ERROR_PREFIX
+
         if self.ok or any(code not in (0, 2) for code in self.codes):
             return None
-        return next((line for out in self.outputs for line in out.splitlines() if line.startswith(USER_ERROR)), None)
+        return next((line[len(USER_ERROR_PREFIX):] for out in self.outputs for line in out.splitlines()
+                     if line.startswith(USER_ERROR_PREFIX)), None)
 
     def failure(self, lines: int = 30) -> str:
         """The exit codes and the last lines of the first rank that failed (rank 0's if none did)."""

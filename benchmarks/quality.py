@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a checkout without `pip install -e .` (e.g. a bare GPU machine) still imports forge_ds
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling local_ranks.py, also when loaded by bench.py
 
-from local_ranks import USER_ERROR, run_ranks
+from local_ranks import run_ranks
 
 REPORT_STEPS = (100, 300, 500, 600, 1000, 1500)
 GLOBAL_BATCH = 16
@@ -106,11 +106,11 @@ def run_training(run_dir: Path, args: list[str], ranks: int, log: Path) -> float
     started = time.time()
     result = run_ranks([sys.executable, "-m", "forge_ds.cli", "train", *args], ranks, cwd=run_dir.parent, log=log)
     if not result.ok:
-        line = result.user_error()
-        if line:  # bad input (a training flag, say): forge-ds train's own one line, said once
+        message = result.user_error()
+        if message:  # bad input (a training flag, say): forge-ds train's own one line, said once
             from forge_ds.errors import ForgeError
 
-            raise ForgeError(line[len(USER_ERROR):])
+            raise ForgeError(message)
         raise SystemExit(f"quality: forge-ds train failed ({result.failure(15)}); log {log}")
     return time.time() - started
 

@@ -15,7 +15,7 @@ import fire
 
 from forge_ds import config as config_mod
 from forge_ds import distributed
-from forge_ds.errors import ForgeError, TrainingDiverged
+from forge_ds.errors import USER_ERROR_PREFIX, ForgeError, TrainingDiverged
 
 RUN_OPTIONS_HELP = """run options (not part of the saved config):
   --config=PATH|PRESET        a YAML/JSON config, a preset (modularforge, cpu_demo) or ModularForge's configs/default.yaml
@@ -267,10 +267,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         speaker = distributed.user_error_speaker()
         if speaker is not None:
             one_line = " ".join(part.strip() for part in str(e).splitlines())  # a quoted OS message may hold \n
-            print(f"forge-ds: error: {speaker}{one_line}", file=sys.stderr, flush=True)
+            print(f"{USER_ERROR_PREFIX}{speaker}{one_line}", file=sys.stderr, flush=True)
         code = 2
     except TrainingDiverged as e:
-        print(f"forge-ds: error: rank {distributed.rank_hint()[0]}: {e}", file=sys.stderr, flush=True)
+        print(f"{USER_ERROR_PREFIX}rank {distributed.rank_hint()[0]}: {e}", file=sys.stderr, flush=True)
         code = 3
     except SystemExit as e:  # a command's own code (train stopped by a signal), or fire's usage errors and --help
         if not isinstance(e.code, (int, type(None))):

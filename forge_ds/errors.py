@@ -6,6 +6,9 @@ Write messages as one line: what was wrong, where, what to do.
 """
 
 
+USER_ERROR_PREFIX = "forge-ds: error: "  # how the CLI starts each error line; the benchmarks look for it
+
+
 class ForgeError(Exception):
     """A user-facing error: bad input, not a bug."""
 

@@ -378,8 +378,12 @@ def dropout_seed(seed: int, step: int, slot: int) -> int:
 
 
 def get_batch(windows: data.TokenWindows, indices: list[int], device: str):
-    x, y = data.stack_windows(windows, indices)
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return to_device(data.stack_windows(windows, indices), device)
+
+
+def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # non_blocking: from pinned memory (the loader's, on a GPU) the copy overlaps the step still queued there.
+    return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def seed_dropout(seed: int, device: str) -> None:
@@ -438,7 +442,7 @@ def fit(run: Run) -> str:
         lr = engine.get_lr()[0]  # the rate this step applies; the scheduler moves on inside engine.step()
         for micro in range(ga):
             seed_dropout(dropout_seed(t.seed, state.step, micro * run.env.world_size + rank), run.device)
-            x, y = (b.to(run.device, non_blocking=True) for b in next(batches))
+            x, y = to_device(next(batches), run.device)
             loss = engine(x, y)
             distributed.fault_point("train_step", step=state.step + 1)  # tests: a rank dies or hangs mid-step
             if nan_at is not None and int(nan_at) == state.step + 1:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from forge_ds.errors import USER_ERROR_PREFIX
 from ranks import ROOT, base_env, free_port, spawn_ranks  # noqa: F401  (re-exported: tests import them from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-ERROR = "forge-ds: error:"  # how every user error starts (forge_ds.cli), alone on its line
+ERROR = USER_ERROR_PREFIX.rstrip()  # how every user error starts (forge_ds.cli), alone on its line
 
 # A model that trains in well under a second per step on 2 CPU cores, on a short repetitive corpus.
 TINY = [
