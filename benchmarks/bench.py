@@ -161,7 +161,7 @@ class PlainLoop:
         import torch
 
         from forge_ds.model import CausalSelfAttention, optimizer_groups
-        from forge_ds.train import build_model, lr_lambda
+        from forge_ds.engine import build_model, lr_lambda
 
         cfg, t = run.cfg, run.cfg.training
         self.run, self.device = run, run.device
@@ -190,7 +190,7 @@ class PlainLoop:
     def step(self, step: int) -> float:
         import torch
 
-        from forge_ds.train import get_batch
+        from forge_ds.evaluate import get_batch
 
         run, ga = self.run, self.run.cfg.training.gradient_accumulation_steps
         loss_sum = 0.0
@@ -282,15 +282,17 @@ def build_config(args):
 def rank_main(args) -> dict | None:
     import torch
 
-    from forge_ds import distributed, train
+    from forge_ds import distributed, launch_env, train
     from forge_ds.metrics import flops_per_token, peak_flops
-    from forge_ds.train import RunOptions
+    from forge_ds.options import RunOptions
+    from forge_ds.evaluate import get_batch
+    from forge_ds.preflight import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = distributed.detect()
+    env = launch_env.detect()
     cfg = build_config(args)
-    device = train.resolve_device(cfg)
+    device = resolve_device(cfg)
     distributed.init(device)
     distributed.barrier()
     baseline = memory_now(device)  # after imports and process-group start: model state is growth above this
@@ -377,7 +379,7 @@ def rank_main(args) -> dict | None:
     fetch = []
     for i in range(50):
         t0 = time.perf_counter()
-        train.get_batch(run.train_windows, run.sampler.micro_indices(i, env.rank, 0), device)
+        get_batch(run.train_windows, run.sampler.micro_indices(i, env.rank, 0), device)
         sync(device)
         fetch.append(time.perf_counter() - t0)
 

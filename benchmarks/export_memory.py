@@ -111,12 +111,13 @@ def live_rank(stage: int, run_dir: Path, trim: bool, a) -> None:
     after `return_free_heap()` if `trim`, and prints the result."""
     import psutil  # noqa: F401  (imported before any measurement, as the offline readers import theirs)
 
-    from forge_ds import config, distributed
+    from forge_ds import config, distributed, launch_env
     from forge_ds.metrics import configure_console
-    from forge_ds.train import RunOptions, train
+    from forge_ds.options import RunOptions
+    from forge_ds.train import train
 
     cfg = config.resolve(None, train_overrides(run_dir.parent, a))[0]
-    env = distributed.detect()
+    env = launch_env.detect()
     configure_console(env.rank)  # before DeepSpeed is imported, as the CLI does
     from forge_ds import export
 

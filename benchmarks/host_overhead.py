@@ -53,14 +53,15 @@ def child(name: str, ds: str | None, precision: str, workdir: Path, steps: int) 
     from torch.profiler import ProfilerActivity, profile
 
     import bench
-    from forge_ds import distributed, train
-    from forge_ds.train import RunOptions
+    from forge_ds import distributed, launch_env, train
+    from forge_ds.options import RunOptions
+    from forge_ds.preflight import resolve_device
 
     torch.set_num_threads(1)  # the op count is what matters; one thread keeps the wall time comparable
     args = bench.parse(["--shape", "gpt2", *SHAPE, "--precision", precision, "--run_dir", str(workdir / "run"),
                         "--prepared_dir", str(workdir / "prepared")])
-    env, cfg = distributed.detect(), bench.build_config(args)
-    device = train.resolve_device(cfg)
+    env, cfg = launch_env.detect(), bench.build_config(args)
+    device = resolve_device(cfg)
     distributed.init(device)
     run = train.setup(cfg, RunOptions(deepspeed_config=ds or "zero0", output_dir=args.run_dir, overwrite=True),
                       env, [])

@@ -71,7 +71,7 @@ def run_ranks(cmd: list[str], ranks: int, cwd: Path | None = None, omp_threads: 
         echo: copy rank 0's output to this process's stdout as it comes.
         log: write every rank's output to this file, other ranks' lines prefixed `[rank N]`.
     """
-    from forge_ds.distributed import _free_port
+    from forge_ds.launch_env import _free_port
 
     base = job_env(omp_threads)
     port = str(_free_port())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -22,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from forge_ds import distributed
+from forge_ds import distributed, faults
 from forge_ds.config import Config, load_saved, to_yaml
-from forge_ds.errors import ForgeError
-from forge_ds.files import sha256_file
+from forge_ds.errors import ForgeError, describe
+from forge_ds.files import atomic_write_text, sha256_file, temp_path
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -50,6 +49,12 @@ class TrainState:
     precision: str = "fp32"
     tokenizer_sha256: str = ""
 
+    def advance(self, global_batch: int, seq_len: int) -> None:
+        """One optimizer step done: the data position moves by one global batch."""
+        self.step += 1
+        self.samples_consumed += global_batch
+        self.tokens_seen += global_batch * seq_len
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
@@ -60,12 +65,6 @@ class TrainState:
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -138,7 +137,7 @@ def save(engine, root: Path, state: TrainState, cfg: Config, frozen: dict[str, t
         # The write sits between DeepSpeed's two barriers: stand in for the closing one, which the raise skipped,
         # so that this rank's collectives stay in step with the ranks whose writes went through.
         distributed.barrier()
-    distributed.fault_point("save_after_shards", step=state.step)  # tests: die after the shards, before the marker
+    faults.point("save_after_shards", step=state.step)  # tests: die after the shards, before the marker
     _agree(failure, root, tag)
     if distributed.is_main():
         try:
@@ -173,13 +172,13 @@ def _is_collective_failure(e: BaseException) -> bool:
 def _agree(failure: Optional[BaseException], root: Path, tag: str) -> None:
     """Collective: if any rank failed to write, rank 0 removes the partial folder and every rank raises ForgeError."""
     reports = distributed.gather_object(None if failure is None else
-                                        f"{type(failure).__name__}: {' '.join(str(failure).split())[:200]}")
+                                        describe(failure))
     bad = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
     if not bad:
         return
     if distributed.is_main():
         shutil.rmtree(root / tag, ignore_errors=True)  # frees the space a partial save took
-        (root / f".{LATEST}.tmp-{os.getpid()}").unlink(missing_ok=True)
+        temp_path(root / LATEST).unlink(missing_ok=True)
     previous = [p.name for p in complete_checkpoints(root) if p.name != tag]
     try:
         free = f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free there: a full disk, a quota or a file-size limit?"
@@ -254,41 +253,6 @@ def read_frozen(ckpt: Path) -> dict[str, torch.Tensor]:
         return load_file(str(ckpt / "frozen_params.safetensors"))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise ForgeError(f"{ckpt}/frozen_params.safetensors: unreadable ({e}); the checkpoint is damaged") from None
-
-
-# Fields a resume may change freely (logged); the schedule fields need --allow_schedule_change.
-SAFE_TRAINING_CHANGES = {"checkpoint_every", "log_every", "eval_every", "eval_max_batches", "keep_checkpoints",
-                         "export", "num_workers", "max_skipped_steps"}
-SCHEDULE_FIELDS = {"max_steps", "epochs_shared"}
-# Where the prepared token files live is a cache location: a folder holding other data is refused by data.prepare
-# (its identity differs) and another tokenizer by the tokenizer sha256 check, so moving the cache is safe.
-SAFE_DATA_CHANGES = {"prepared_dir"}
-# batch_size / accumulation may change only with the world size, holding the global batch (checked by the caller).
-BATCH_FIELDS = {"batch_size", "gradient_accumulation_steps"}
-
-
-def compare_configs(saved: Config, new: Config, allow_schedule_change: bool) -> list[str]:
-    """Raise ForgeError naming the first incompatible difference; return notes for the allowed ones."""
-    notes = []
-    for section in ("model", "data", "training"):
-        old_s, new_s = getattr(saved, section).model_dump(), getattr(new, section).model_dump()
-        for key in old_s:
-            if old_s[key] == new_s[key]:
-                continue
-            what = f"{section}.{key}: {old_s[key]!r} -> {new_s[key]!r}"
-            if (section == "training" and key in SAFE_TRAINING_CHANGES) or (section == "data"
-                                                                             and key in SAFE_DATA_CHANGES):
-                notes.append(f"resume: changed {what}")
-            elif section == "training" and key in SCHEDULE_FIELDS and allow_schedule_change:
-                notes.append(f"resume: schedule changed {what} (--allow_schedule_change)")
-            elif section == "training" and key in BATCH_FIELDS:
-                notes.append(f"resume: changed {what}")
-            elif section == "training" and key in SCHEDULE_FIELDS:
-                raise ForgeError(f"resume: {what} changes the LR schedule; pass --allow_schedule_change to accept it")
-            else:
-                raise ForgeError(f"resume: {what} is incompatible with the checkpoint; "
-                                 "restore the original value or start a new run (--output_dir)")
-    return notes
 
 
 def saved_config(ckpt: Path) -> Config:

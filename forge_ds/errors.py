@@ -9,6 +9,13 @@ Write messages as one line: what was wrong, where, what to do.
 USER_ERROR_PREFIX = "forge-ds: error: "  # how the CLI starts each error line; the benchmarks look for it
 
 
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """The one way an exception we did not raise is quoted inside our one-line errors: its type and the first
+    `limit` characters of its message, whitespace (an OS message's newlines too) folded to single spaces."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
 class ForgeError(Exception):
     """A user-facing error: bad input, not a bug."""
 

@@ -1,9 +1,10 @@
-"""`forge-ds evaluate` and `forge-ds sample`: the FULL Phase-1 model (shared + dummy experts) back from a checkpoint.
+"""Evaluation: the loss of a model over token windows, during training (the engine) and offline (`forge-ds evaluate`:
+the FULL Phase-1 model, shared + dummy experts, back from a checkpoint).
 
-The export holds the shared subtree only (no FFNs), so both commands read the DeepSpeed checkpoint instead: at ZeRO
+The export holds the shared subtree only (no FFNs), so offline evaluation (and sample.py) reads the DeepSpeed checkpoint instead: at ZeRO
 1-3 through DeepSpeed's own zero_to_fp32 (every rank's shards, fp32 masters, in one process), at ZeRO-0 from the
 module states; the frozen ffn_norm comes from frozen_params.safetensors and the position table from its formula,
-as in the export. Afterwards it is plain torch, no engine: it runs alone or under any launcher (the ranks split the
+as in the export. Offline it is plain torch, no engine: it runs alone or under any launcher (the ranks split the
 windows exactly as training's evaluation does and all-reduce two sums).
 """
 
@@ -21,10 +22,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from forge_ds import checkpoint, data, distributed
+from forge_ds import checkpoint, data, distributed, launch_env
 from forge_ds.config import Config
-from forge_ds.errors import ForgeError
+from forge_ds.errors import ForgeError, describe
 from forge_ds.files import sha256_file
+from forge_ds.metrics import perplexity
 from forge_ds.model import SharedTrainingModel, sinusoidal_table
 
 SPLITS = ("val", "train", "all")
@@ -84,7 +86,7 @@ def load_full_model(ckpt: Path, device: str = "cpu") -> tuple[SharedTrainingMode
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise ForgeError(f"{ckpt}: the weights do not fit the model in its config.yaml "
-                         f"({str(e).splitlines()[0][:200]}); the checkpoint is damaged or from another model") from None
+                         f"({describe(e)}); the checkpoint is damaged or from another model") from None
     return model.to(device).eval(), cfg, state
 
 
@@ -100,10 +102,40 @@ def load_run_tokenizer(ckpt: Path, cfg: Config, state: checkpoint.TrainState):
     return data.load_tokenizer(str(path), cfg.model.vocab_size), path
 
 
+@torch.no_grad()
+def mean_loss(model, windows: data.TokenWindows, batch_size: int, device: str, max_batches: Optional[int]) -> float:
+    """Token-weighted mean loss of `model` (a DeepSpeed engine during training, a plain module offline) over the
+    split. Every rank runs the same number of forwards (ZeRO-3 gathers
+    parameters collectively), so short ranks repeat a window with weight zero."""
+    rank, world = distributed.rank(), distributed.world_size()
+    indices = list(range(len(windows)))
+    per_rank = math.ceil(len(indices) / world)
+    mine = indices[rank * per_rank:(rank + 1) * per_rank]
+    n_batches = math.ceil(per_rank / batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    model.eval()
+    loss_sum = tokens = 0.0
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        weight = 1.0 if chunk else 0.0
+        x, y = get_batch(windows, chunk or [0], device)
+        n = float((y != 0).sum()) * weight
+        loss_sum += float(model(x, y)) * n
+        tokens += n
+    model.train()
+    total_loss, total_tokens = distributed.all_reduce([loss_sum, tokens])
+    return total_loss / max(total_tokens, 1.0)
+
+
+def get_batch(windows: data.TokenWindows, indices: list[int], device: str):
+    return tuple(t.to(device, non_blocking=True) for t in data.stack_windows(windows, indices))
+
+
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda"):
         raise ForgeError(f"--device={device!r} is not one of auto, cpu, cuda")
-    return distributed.pick_device(device, "--device", "--device")
+    return launch_env.pick_device(device, "--device", "--device")
 
 
 # ------------------------------------------------------------------------------------------------------- evaluate
@@ -146,8 +178,6 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
     Returns:
         The result dict that is also printed as the last line of JSON (rank 0).
     """
-    from forge_ds.train import evaluate as evaluate_windows
-
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ForgeError(f"--batch_size={batch_size!r} must be a positive integer")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
@@ -173,12 +203,12 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
             or _tokenize(cfg, split, tok, Path(tmp) / f"{split}.bin")
         windows = data.TokenWindows(bin_path, cfg.model.max_seq_len)
         batch = batch_size or cfg.training.batch_size
-        loss = evaluate_windows(model, windows, batch, device, max_batches)
+        loss = mean_loss(model, windows, batch, device, max_batches)
         unigram = data.unigram_entropy(bin_path)
         result = {"checkpoint": str(ckpt), "step": state.step, "zero_stage": state.zero_stage,
                   "source": cfg.data.source, "split": split, "tokens": windows.n_tokens, "windows": len(windows),
                   "seq_len": cfg.model.max_seq_len, "batch_size": batch, "max_batches": max_batches,
-                  "ranks": distributed.world_size(), "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                  "ranks": distributed.world_size(), "loss": loss, "ppl": perplexity(loss),
                   "unigram_entropy": unigram, "unigram_ppl": math.exp(unigram)}
         del windows  # its memmap must close before the temporary folder goes
     if show and distributed.is_main():
@@ -192,51 +222,3 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
               "predictor that ignores context")
         print(json.dumps(result), flush=True)
     return result
-
-
-# ------------------------------------------------------------------------------------------------------- sample
-
-
-@torch.no_grad()
-def generate(model: SharedTrainingModel, tok, prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
-             top_k: int = 50, seed: int = 0) -> str:
-    """Prompt plus continuation as text, without <bos>/<eos>. Stops at <eos>; the context is cropped to the last
-    max_seq_len tokens. temperature 0 is greedy; top_k 0 samples from the whole vocabulary."""
-    device = next(model.parameters()).device
-    tok.encode_special_tokens = True  # as in training: a literal "<eos>" in the prompt is text, not a boundary
-    ids = [data.BOS_ID] + tok.encode(prompt, add_special_tokens=False).ids
-    window = model.shared.pos_encoding.pe.shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids[-window:]], device=device))[0, -1].float().cpu()
-        logits[0] = float("-inf")  # <pad> is never a target: the model learned nothing about it
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if 0 < top_k < logits.numel():
-                logits[logits < torch.topk(logits, top_k).values[-1]] = float("-inf")
-            nxt = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
-        if nxt == data.EOS_ID:
-            break
-        ids.append(nxt)
-    # Decoded as one sequence: byte-level BPE may join the prompt's last bytes with the first new token.
-    return tok.decode(ids, skip_special_tokens=True)
-
-
-def sample_checkpoint(path: str, prompt: str = "", max_new_tokens: int = 50, temperature: float = 0.8,
-                      top_k: int = 50, seed: Optional[int] = None, device: str = "auto") -> tuple[str, int]:
-    """(text, seed used). A missing seed draws a fresh one, reported so the sample can be reproduced."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ForgeError(f"--max_new_tokens={max_new_tokens!r} must be a positive integer")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ForgeError(f"--temperature={temperature!r} must be a number >= 0 (0 = greedy)")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ForgeError(f"--top_k={top_k!r} must be an integer >= 0 (0 = no limit)")
-    if seed is not None and not isinstance(seed, int):
-        raise ForgeError(f"--seed={seed!r} must be an integer")
-    seed = seed if seed is not None else int(torch.seed() % (2**31))
-    ckpt = find_checkpoint(path)
-    model, cfg, state = load_full_model(ckpt, resolve_device(device))
-    tok, _ = load_run_tokenizer(ckpt, cfg, state)
-    return generate(model, tok, str(prompt), max_new_tokens, float(temperature), top_k, seed), seed

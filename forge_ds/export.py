@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from forge_ds import distributed
-from forge_ds.errors import ForgeError
-from forge_ds.files import sha256_file
+from forge_ds import distributed, faults
+from forge_ds.errors import ForgeError, describe
+from forge_ds.files import atomic_torch_save, atomic_write_text, save_safetensors_streamed, sha256_file
 from forge_ds.model import SharedComponents, contract_keys, sinusoidal_table
 
 EXPORT_STEM = "shared_components"
@@ -122,7 +121,7 @@ def gather_from_checkpoint(ckpt: Path, n_layers: int, max_seq_len: int, d_model:
         shards = ZeroShards(ckpt)
         return _assemble(lambda key: shards.get(f"shared.{key}"), n_layers, max_seq_len, d_model, frozen)
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        raise ForgeError(f"{ckpt}: cannot read the DeepSpeed shards ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+        raise ForgeError(f"{ckpt}: cannot read the DeepSpeed shards ({describe(e)}); "
                          "the checkpoint is incomplete or damaged") from None
 
 
@@ -142,33 +141,25 @@ def _gather_stage0(ckpt, n_layers, max_seq_len, d_model, frozen) -> dict:
     return _assemble(lambda k: module[f"shared.{k}"].to(torch.float32).clone(), n_layers, max_seq_len, d_model, frozen)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def metadata(cfg, state, world_size: int, val_loss: Optional[float], exported_weights: str, exported_step: int,
+             **extra) -> dict:
+    """The export's JSON, the same keys whoever exports: the end of training (exported_weights "final" or "best"),
+    or `forge-ds export` offline ("checkpoint"). `cfg` is the run's Config, `state` its checkpoint.TrainState."""
+    import deepspeed
 
+    import forge_ds
+    from forge_ds.metrics import perplexity
 
-def _atomic_safetensors_save(state: dict, path: Path, metadata: dict[str, str]) -> None:
-    """What safetensors' `save_file` writes, byte for byte (8-byte little-endian header length, compact JSON header
-    padded with spaces to 8 bytes, the tensors end to end sorted by dtype then name: by name here, all fp32), but
-    streamed from `state`: save_file refuses the tied matrix's shared storage, and an untied copy to please it
-    would cost as much memory again as the embedding."""
-    header, offset = {"__metadata__": metadata}, 0
-    for name in sorted(state):
-        tensor = state[name]
-        if tensor.dtype != torch.float32:
-            raise ForgeError(f"{name}: {tensor.dtype}; the export holds fp32 tensors only")
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for name in sorted(state):
-            f.write(state[name].detach().contiguous().numpy())  # the tensor's own memory, no bytes copy
-    os.replace(tmp, path)
+    return {"format": "modularforge.shared_components.v1", "model": cfg.model.model_dump(),
+            "recipe": cfg.training.recipe, "exported_weights": exported_weights,
+            "exported_step": exported_step, "tokenizer_sha256": state.tokenizer_sha256, "steps": state.step,
+            "tokens_seen": state.tokens_seen, "final_train_loss": state.last_train_loss,
+            "final_train_ppl": perplexity(state.last_train_loss), "final_val_loss": val_loss,
+            "final_val_ppl": perplexity(val_loss), "best_val_loss": state.best_val_loss, "best_step": state.best_step,
+            "zero_stage": state.zero_stage, "precision": state.precision, "world_size": world_size,
+            # Module attributes, not package metadata: a source checkout on PYTHONPATH has no metadata.
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "forge_ds": forge_ds.__version__}, **extra}
 
 
 def write(state: dict, out_dir: Path, metadata: dict) -> dict[str, Path]:
@@ -176,16 +167,14 @@ def write(state: dict, out_dir: Path, metadata: dict) -> dict[str, Path]:
     `state` is held while writing: the whole dict is torch.save's floor, and the export adds nothing to it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{EXPORT_STEM}.{ext}" for ext in ("pt", "safetensors", "json")}
-    distributed.fault_point("export_before_write")
-    _atomic_torch_save(state, paths["pt"])
+    faults.point("export_before_write")
+    atomic_torch_save(state, paths["pt"])
     # safetensors has no shared storage: the tied matrix is written twice there (equal values).
-    _atomic_safetensors_save(state, paths["safetensors"], {"format": "pt"})
+    save_safetensors_streamed(state, paths["safetensors"], {"format": "pt"})
     meta = dict(metadata)
     meta["sha256"] = {paths["pt"].name: sha256_file(paths["pt"]), paths["safetensors"].name: sha256_file(paths["safetensors"])}
     meta["keys"] = list(state)
-    tmp = paths["json"].with_name(f".{paths['json'].name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, paths["json"])
+    atomic_write_text(paths["json"], json.dumps(meta, indent=2))
     return paths
 
 
@@ -208,7 +197,7 @@ def load_export(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip / pickle errors come in many types
-        raise ForgeError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        raise ForgeError(f"{path}: cannot load ({describe(e)}); "
                          "the file is truncated or not a forge_ds export") from None
     if not isinstance(state, dict):
         raise ForgeError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
@@ -262,5 +251,5 @@ def verify(path: Path, n_heads: Optional[int] = None) -> list[str]:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        problems.append(f"strict load into SharedComponents failed: {str(e).splitlines()[0]}")
+        problems.append(f"strict load into SharedComponents failed: {describe(e)}")
     return problems

@@ -18,6 +18,8 @@ from typing import Optional
 import psutil
 import torch
 
+from forge_ds.files import atomic_write_text
+
 # bf16 dense peak TFLOP/s per GPU, for MFU when --peak_tflops is not given. Matched by substring of the device
 # name, first hit wins: the PCIe H100 must come before the SXM entry its name also contains.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -56,6 +58,12 @@ def peak_flops(device: str, override_tflops: Optional[float]) -> Optional[float]
             if key in name:
                 return tflops * 1e12
     return None
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    """exp(loss), capped at e^50 so a diverging run logs a large finite number instead of overflowing; None stays
+    None (no loss measured yet)."""
+    return None if loss is None else math.exp(min(loss, 50.0))
 
 
 def flops_per_token(trainable_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
@@ -99,9 +107,7 @@ class Metrics:
         if path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         return open(path, "a", encoding="utf-8")
 
     def _scalars(self, step: int, values: dict) -> None:
@@ -121,7 +127,7 @@ class Metrics:
             return
         tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else 0.0
         values = {
-            "train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "opt/lr": lr, "opt/grad_norm": grad_norm,
+            "train/loss": loss, "train/ppl": perplexity(loss), "opt/lr": lr, "opt/grad_norm": grad_norm,
             "perf/tokens_per_s": tokens_per_s, "perf/tokens_per_s_per_rank": tokens_per_s / self.world_size,
             "perf/samples_per_s": self.samples_per_step / step_time if step_time > 0 else 0.0,
             "perf/step_time_s": step_time, "mem/cpu_rss_gb": rss, "progress/epoch": epoch,
@@ -145,8 +151,8 @@ class Metrics:
     def evaluation(self, step: int, val_loss: float) -> None:
         if not self.enabled:
             return
-        self._scalars(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
-        message = f"eval step {step}: val loss {val_loss:.4f} ppl {math.exp(min(val_loss, 50.0)):.2f}"
+        self._scalars(step, {"val/loss": val_loss, "val/ppl": perplexity(val_loss)})
+        message = f"eval step {step}: val loss {val_loss:.4f} ppl {perplexity(val_loss):.2f}"
         (self.bar.write if self.bar is not None else print)(message)
 
     def text(self, tag: str, body: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from forge_ds import checkpoint
-from forge_ds.errors import ForgeError
+from forge_ds.errors import ForgeError, describe
 
 SUFFIX = "_universal"
 LATEST_UNIVERSAL = "latest_universal"
@@ -61,7 +61,7 @@ def convert(ckpt: Path, workers: int = 1) -> Path:
     except Exception as e:  # DeepSpeed raises assorted types for layouts it cannot convert
         shutil.rmtree(out, ignore_errors=True)
         raise ForgeError(f"{ckpt}: DeepSpeed's universal conversion (ds_to_universal, ZeRO-{state.zero_stage}, "
-                         f"{state.world_size} ranks) failed: {type(e).__name__}: {_first_line(e)}; resume with "
+                         f"{state.world_size} ranks) failed: {describe(e, 300)}; resume with "
                          f"{state.world_size} ranks instead") from None
     for name in COPIED:
         shutil.copy2(ckpt / name, out / name)
@@ -89,7 +89,7 @@ def load(engine, ckpt: Path, saved_world: int, world: int) -> None:
         engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except Exception as e:
         raise ForgeError(f"{ckpt}: DeepSpeed's universal loading failed resuming {saved_world} -> {world} ranks: "
-                         f"{type(e).__name__}: {_first_line(e)}; resume with {saved_world} ranks instead") from None
+                         f"{describe(e, 300)}; resume with {saved_world} ranks instead") from None
     # DeepSpeed 0.19.8's ZeRO-3 universal load copies param group 0's hyper-parameters onto every group ("generally
     # the same"): our no-decay group (embedding, norms, biases) would get weight decay from then on. The values
     # the engine was built with are the run's own; only the scheduled lr comes from the checkpoint.
@@ -114,7 +114,3 @@ def enable(ds: dict) -> dict:
     section["load_universal"] = True
     return ds
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else "")[:300]

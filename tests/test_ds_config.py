@@ -238,8 +238,8 @@ def test_find_shipped_and_paths(tmp_path):
     ("9.0a", "9.0"), ("8.0;9.0a;10.0f+PTX", "8.0;9.0;10.0+PTX"), ("9.0 9.0a", "9.0")])
 def test_arch_list_made_parseable_for_deepspeed_op_builds(given, wanted):
     """Hopper/Blackwell images set TORCH_CUDA_ARCH_LIST=9.0a; DeepSpeed 0.19.8's JIT builder (FusedAdam, the first
-    GPU step) dies parsing it, so distributed.init rewrites it to the plain architecture."""
-    from forge_ds.distributed import deepspeed_safe_arch_list
+    GPU step) dies parsing it, so launch_env.set_cuda_arch_list rewrites it to the plain architecture."""
+    from forge_ds.launch_env import deepspeed_safe_arch_list
 
     update = deepspeed_safe_arch_list(given)
     assert update == ({"TORCH_CUDA_ARCH_LIST": wanted} if wanted else {})

@@ -1,6 +1,6 @@
 """Faults, with real processes: a NaN, a dead or silent rank, a full disk, Ctrl-C / SIGTERM.
 
-Faults are injected with FORGE_DS_FAULT (read only by forge_ds/distributed.py): `nan_at_step=K` multiplies step K's
+Faults are injected with FORGE_DS_FAULT (read only by forge_ds/launch_env.py, parsed by forge_ds/faults.py): `nan_at_step=K` multiplies step K's
 loss by NaN; `<point>[@<step>]:<action>[:<rank>]` makes rank <rank> `kill` itself (SIGKILL), `raise`, `sleep<N>` or
 cap its file size (`fsize<N>`, writes beyond fail with EFBIG as on a full disk) at a named point of the code.
 FORGE_DS_TRAINING_TIMEOUT_S shortens the collective timeout that applies once steps run (45 s otherwise).
@@ -228,15 +228,15 @@ def test_long_waits_on_rank_0_pass_a_short_step_timeout_but_a_silent_rank_trips_
 def test_the_first_stop_signal_is_the_reason_a_later_one_does_not_replace_it(monkeypatch):
     """Under SLURM the step is cancelled with SIGTERM right after the requeue that SIGUSR1 asked for; the run must
     still report SIGUSR1 (and exit 128+10 outside SLURM, where a second signal may also land)."""
-    from forge_ds import distributed
+    from forge_ds import preemption
 
-    monkeypatch.setattr(distributed, "_stop_signal", None)
+    monkeypatch.setattr(preemption, "_stop_signal", None)
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        distributed.install_stop_handlers()
+        preemption.install_stop_handlers()
         signal.raise_signal(signal.SIGUSR1)
         signal.raise_signal(signal.SIGTERM)
-        assert distributed.stop_signal_name() == "SIGUSR1" and distributed.stop_signal_number() == signal.SIGUSR1
+        assert preemption.stop_signal_name() == "SIGUSR1" and preemption.stop_signal_number() == signal.SIGUSR1
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

@@ -25,7 +25,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import TINY, base_env, forge, free_port, read_metrics
 from ranks import RankResult, Ranks
 from forge_ds import data
-from forge_ds import train as train_mod
+from forge_ds import engine as engine_mod
+from forge_ds.evaluate import get_batch
 from forge_ds.config import load_saved
 from forge_ds.metrics import Metrics, flops_per_token
 
@@ -123,15 +124,15 @@ def reference_step1_grad_norm(run: Run, world: int) -> float:
     """The global gradient norm of step 1, before clipping, recomputed in plain torch: same init, same global
     batch, same dropout masks; the mean over ranks' losses is what DeepSpeed's all-reduce averages."""
     cfg = load_saved(run.dir / "config.yaml")
-    model = train_mod.build_model(cfg, None)
+    model = engine_mod.build_model(cfg, None)
     model.train()
     windows = data.TokenWindows(run.prepared / "train.bin", SEQ)
     sampler = data.GlobalBatchSampler(len(windows), BATCH, 1, world, cfg.training.seed)
     for rank in range(world):
-        torch.manual_seed(train_mod.dropout_seed(cfg.training.seed, 0, rank))  # slot = rank at micro 0
-        x, y = train_mod.get_batch(windows, sampler.micro_indices(0, rank, 0), "cpu")
+        torch.manual_seed(engine_mod.dropout_seed(cfg.training.seed, 0, rank))  # slot = rank at micro 0
+        x, y = get_batch(windows, sampler.micro_indices(0, rank, 0), "cpu")
         (model(x, y) / world).backward()
-    return train_mod.grad_norm_of(model)
+    return engine_mod.grad_norm_of(model)
 
 
 # ----------------------------------------------------------------------------------------------- TensorBoard
@@ -181,7 +182,7 @@ def test_loss_is_finite_and_falls_over_the_run(run_a):
 
 def test_lr_follows_warmup_then_cosine_at_known_steps(run_a):
     """opt/lr at step s is the rate step s applied: lr * lr_lambda(s - 1) (warm-up from 0, cosine to 0)."""
-    schedule = train_mod.lr_lambda(STEPS_A, WARMUP)
+    schedule = engine_mod.lr_lambda(STEPS_A, WARMUP)
     logged = scalars(run_a.events(), "opt/lr")
     assert logged[1] == 0.0 and logged[WARMUP + 1] == pytest.approx(LR, rel=1e-6)
     for step in (1, 2, 3, 4, 16, 29, 30):
@@ -383,7 +384,8 @@ def test_evaluate_other_text_with_the_runs_tokenizer(run_a, tmp_path):
 
 
 def test_sample_prints_text_and_is_deterministic_for_a_seed(run_a, commands):
-    from forge_ds.evaluate import find_checkpoint, generate, load_full_model, load_run_tokenizer
+    from forge_ds.evaluate import find_checkpoint, load_full_model, load_run_tokenizer
+    from forge_ds.sample import generate
 
     [r] = commands["sample_a"]
     assert r.returncode == 0, r.output[-2000:]
@@ -406,7 +408,7 @@ def test_sample_prints_text_and_is_deterministic_for_a_seed(run_a, commands):
 def test_evaluate_and_sample_user_mistakes_are_one_line_errors(run_a, tmp_path, capsys, monkeypatch):
     from forge_ds import cli
 
-    # in-process: distributed.detect() fills RANK/WORLD_SIZE/MASTER_* in; they must not leak into later tests
+    # in-process: launch_env.detect() fills RANK/WORLD_SIZE/MASTER_* in; they must not leak into later tests
     monkeypatch.setattr(os, "environ", dict(os.environ))
 
     cases = [(["evaluate", str(tmp_path / "missing")], "no such run or checkpoint folder"),

@@ -20,7 +20,8 @@ from conftest import TINY, forge, read_metrics, train_losses
 from forge_ds import data
 from forge_ds.config import TrainingConfig
 from forge_ds.model import SharedTrainingModel, contract_keys, initialize, optimizer_groups, reference_logits
-from forge_ds.train import get_batch, lr_lambda
+from forge_ds.engine import lr_lambda
+from forge_ds.evaluate import get_batch
 
 STEPS = 40
 LR = 1e-2  # TINY's 3e-3 needs ~60 steps to cross the line; 1e-2 crosses it by step ~25 (benchmarks/ sweep)

@@ -198,7 +198,7 @@ def reference(work) -> Job:
 
 
 def test_srun_tasks_have_step_id_batch_shell_has_not(work):
-    """The fact distributed.detect() relies on: srun tasks have SLURM_STEP_ID, the batch shell has not, though it
+    """The fact launch_env.detect() relies on: srun tasks have SLURM_STEP_ID, the batch shell has not, though it
     has SLURM_PROCID=0 and SLURM_NTASKS=2 too (forge-ds run there directly must be a world of one, not wait for 2)."""
     show = 'echo "$1 step=${SLURM_STEP_ID-unset} procid=$SLURM_PROCID ntasks=$SLURM_NTASKS node=$SLURMD_NODENAME"'
     script = work.root / "probe.sbatch"
