@@ -14,8 +14,9 @@ from typing import Optional
 import fire
 
 from forge_ds import config as config_mod
-from forge_ds import distributed
+from forge_ds import distributed, package
 from forge_ds.errors import USER_ERROR_PREFIX, ForgeError, TrainingDiverged
+from forge_ds.slurm_template import slurm_template
 
 RUN_OPTIONS_HELP = """run options (not part of the saved config):
   --config=PATH|PRESET        a YAML/JSON config, a preset (modularforge, cpu_demo) or ModularForge's configs/default.yaml
@@ -194,9 +195,11 @@ def _run_bench(argv: list[str]) -> None:
     # The scripts parse their own flags (argparse), so `bench` bypasses fire and hands them the raw arguments.
     import importlib.util
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
-    if not script.is_file():
-        raise ForgeError(f"{script} not found; the benchmarks ship with the source tree, run from a checkout")
+    root = package.checkout_root()
+    if root is None:
+        raise ForgeError(f"forge-ds bench needs a source checkout ({package.source()} is installed without "
+                         "benchmarks/); run it from a clone of the repository")
+    script = root / "benchmarks" / "bench.py"
     spec = importlib.util.spec_from_file_location("forge_ds_bench", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -253,11 +256,23 @@ def convert_universal(checkpoint_dir: str, workers: int = 1) -> None:
 
 
 COMMANDS = {"train": train, "prepare": prepare, "check": check, "export": export, "verify": verify, "bench": bench,
-            "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal}
+            "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal,
+            "slurm-template": slurm_template}
+
+
+def _launcher_argv(argv: list[str]) -> list[str]:
+    """DeepSpeed's launcher runs `python -m forge_ds --local_rank=N <command> ...`: its flag comes before the
+    script's arguments. Move it behind the command, where train, check and evaluate take it."""
+    if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        return [*argv[1:2], "--local_rank=" + argv[0].partition("=")[2], *argv[2:]]
+    return argv
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = list(argv if argv is not None else sys.argv[1:])
+    argv = _launcher_argv(list(argv if argv is not None else sys.argv[1:]))
+    if argv[:1] == ["--version"]:
+        print(package.source())
+        return
     try:
         if argv[:1] == ["bench"]:
             return _run_bench(argv[1:])

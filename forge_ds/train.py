@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from forge_ds import checkpoint, data, distributed, ds_config, export, universal
+from forge_ds import checkpoint, data, distributed, ds_config, export, package, universal
 from forge_ds.config import Config, modularforge_yaml, to_yaml
 from forge_ds.errors import ForgeError, TrainingDiverged
 from forge_ds.metrics import Metrics, flops_per_token, peak_flops
@@ -257,8 +257,9 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
         frozen = checkpoint.read_frozen(resume_from)
 
     hosts = distributed.gather_hostnames()
+    sources = distributed.gather_object(package.source())  # which forge_ds each rank runs: env.txt
     if env.is_main:
-        _write_run_files(run_dir, cfg, ds, prepared, env, hosts, opts.overwrite and not opts.resume)
+        _write_run_files(run_dir, cfg, ds, prepared, env, hosts, sources, opts.overwrite and not opts.resume)
     distributed.barrier()
     n_params = shared_params + temp_params
     metrics = Metrics(run_dir, tensorboard_dir(opts, run_dir), env.is_main, total_steps,
@@ -315,7 +316,8 @@ def check_resume_state(resume_from: Path, ds: dict, sampler: data.GlobalBatchSam
     return saved
 
 
-def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, hosts, clear_old: bool) -> None:
+def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, hosts, sources,
+                     clear_old: bool) -> None:
     if clear_old:
         for stale in ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json"):
             target = run_dir / stale
@@ -326,7 +328,7 @@ def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, 
     checkpoint.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     checkpoint.atomic_write_text(run_dir / "ds_config.json", json.dumps(ds, indent=2))
     checkpoint.atomic_write_text(run_dir / "modularforge.yaml", modularforge_yaml(cfg))
-    checkpoint.atomic_write_text(run_dir / "env.txt", distributed.environment_report(env, hosts))
+    checkpoint.atomic_write_text(run_dir / "env.txt", distributed.environment_report(env, hosts, sources))
     shutil.copyfile(prepared / "tokenizer.json", run_dir / "tokenizer.json")
 
 
