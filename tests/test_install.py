@@ -59,7 +59,7 @@ class Installed:
 
 def _outside_env() -> dict:
     env = base_env()
-    env.pop("PYTHONPATH")
+    env.pop("PYTHONPATH")  # base_env puts the checkout there; here the venv is the whole forge_ds under test
     return env
 
 
