@@ -17,9 +17,10 @@ import fire
 from pydantic import BaseModel, ValidationError
 
 from forge_ds import config as config_mod
-from forge_ds import distributed, launch_env, usage
+from forge_ds import distributed, launch_env, package, usage
 from forge_ds.errors import USER_ERROR_PREFIX, ForgeError, TrainingDiverged
 from forge_ds.options import CheckOptions, RunOptions
+from forge_ds.slurm_template import slurm_template
 
 
 def _split_flags(command: str, options_type: type[BaseModel], flags: dict) -> tuple[BaseModel, dict, Optional[int]]:
@@ -151,9 +152,11 @@ def _run_bench(argv: list[str]) -> None:
     # The scripts parse their own flags (argparse), so `bench` bypasses fire and hands them the raw arguments.
     import importlib.util
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
-    if not script.is_file():
-        raise ForgeError(f"{script} not found; the benchmarks ship with the source tree, run from a checkout")
+    root = package.checkout_root()
+    if root is None:
+        raise ForgeError(f"forge-ds bench needs a source checkout ({package.source()} is installed without "
+                         "benchmarks/); run it from a clone of the repository")
+    script = root / "benchmarks" / "bench.py"
     spec = importlib.util.spec_from_file_location("forge_ds_bench", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -210,13 +213,25 @@ def convert_universal(checkpoint_dir: str, workers: int = 1) -> None:
 
 
 COMMANDS = {"train": train, "prepare": prepare, "check": check, "export": export, "verify": verify, "bench": bench,
-            "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal}
+            "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal,
+            "slurm-template": slurm_template}
 # The commands whose flags come from the typed description, and which description.
 TYPED_FLAGS = {"train": (RunOptions, True), "check": (CheckOptions, True), "prepare": (None, True)}
 
 
+def _launcher_argv(argv: list[str]) -> list[str]:
+    """DeepSpeed's launcher runs `python -m forge_ds --local_rank=N <command> ...`: its flag comes before the
+    script's arguments. Move it behind the command, where train, check and evaluate take it."""
+    if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        return [*argv[1:2], "--local_rank=" + argv[0].partition("=")[2], *argv[2:]]
+    return argv
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = list(argv if argv is not None else sys.argv[1:])
+    argv = _launcher_argv(list(argv if argv is not None else sys.argv[1:]))
+    if argv[:1] == ["--version"]:
+        print(package.source())
+        return
     try:
         if argv[:1] == ["bench"]:
             return _run_bench(argv[1:])

@@ -14,8 +14,9 @@ import math
 from pathlib import Path
 
 from forge_ds.errors import ForgeError
+from forge_ds.package import shipped_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+CONFIG_DIR = shipped_dir("ds_configs")  # in the package when installed, at the repository root in a checkout
 
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _ADAM_TYPES = ("adam", "adamw")  # DeepSpeed matches optimizer names case-insensitively

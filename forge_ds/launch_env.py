@@ -132,18 +132,20 @@ def set_cuda_arch_list() -> None:
     os.environ.update(deepspeed_safe_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")))
 
 
-def environment_report(env: Env, hosts: list[str]) -> str:
-    """env.txt: package versions, git revision, hosts (from gather_hostnames, a collective), world size."""
+def environment_report(env: Env, hosts: list[str], sources: list[str]) -> str:
+    """env.txt: package versions, git revision, hosts (from gather_hostnames, a collective), world size. `sources`:
+    every rank's package.source() (a collective too), as the installed metadata may name another forge_ds."""
     import importlib.metadata as md
 
+    from forge_ds import package
+
     lines = [f"python {sys.version.split()[0]}"]
-    for pkg in ("torch", "deepspeed", "datasets", "tokenizers", "tensorboard", "fire", "forge_ds"):
+    for pkg in ("torch", "deepspeed", "datasets", "tokenizers", "tensorboard", "fire"):
         try:
             lines.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:  # forge_ds run from a source checkout on PYTHONPATH
-            from forge_ds import __version__
-
-            lines.append(f"{pkg} not installed" if pkg != "forge_ds" else f"forge_ds {__version__} (source)")
+        except md.PackageNotFoundError:
+            lines.append(f"{pkg} not installed")
+    lines += package.sources_report(sources)
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip()

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from forge_ds import checkpoint, data, distributed, ds_config, export, faults, launch_env, preemption, resume
+from forge_ds import (checkpoint, data, distributed, ds_config, export, faults, launch_env, package, preemption,
+                      resume)
 from forge_ds.config import Config, modularforge_yaml, to_yaml
 from forge_ds.engine import Stepper, build_engine, build_model
 from forge_ds.evaluate import mean_loss
@@ -63,8 +64,10 @@ def setup(cfg: Config, opts: RunOptions, env: launch_env.Env, notes: list[str]) 
             state, frozen = resume.restore(engine, pf.resume)
 
     hosts = distributed.gather_hostnames()
+    sources = distributed.gather_object(package.source())  # which forge_ds each rank runs: env.txt
     if env.is_main:
-        _write_run_files(pf.run_dir, cfg, pf.ds, pf.prepared, env, hosts, opts.overwrite and not opts.resume)
+        _write_run_files(pf.run_dir, cfg, pf.ds, pf.prepared, env, hosts, sources,
+                         opts.overwrite and not opts.resume)
     distributed.barrier()
     m = cfg.model
     metrics = Metrics(pf.run_dir, tensorboard_dir(opts, pf.run_dir), env.is_main, pf.total_steps, state.step,
@@ -224,7 +227,8 @@ def _say(env: launch_env.Env, line: str) -> None:
         print(line, flush=True)
 
 
-def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, hosts, clear_old: bool) -> None:
+def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, hosts, sources,
+                     clear_old: bool) -> None:
     if clear_old:
         for stale in ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json"):
             target = run_dir / stale
@@ -235,7 +239,7 @@ def _write_run_files(run_dir: Path, cfg: Config, ds: dict, prepared: Path, env, 
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic_write_text(run_dir / "ds_config.json", json.dumps(ds, indent=2))
     atomic_write_text(run_dir / "modularforge.yaml", modularforge_yaml(cfg))
-    atomic_write_text(run_dir / "env.txt", launch_env.environment_report(env, hosts))
+    atomic_write_text(run_dir / "env.txt", launch_env.environment_report(env, hosts, sources))
     shutil.copyfile(prepared / "tokenizer.json", run_dir / "tokenizer.json")
 
 
