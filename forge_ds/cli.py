@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from forge_ds import config as config_mod
 from forge_ds import distributed, launch_env, package, usage
-from forge_ds.errors import USER_ERROR_PREFIX, ForgeError, TrainingDiverged
+from forge_ds.errors import USER_ERROR_PREFIX, ForgeError, Interrupted, TrainingDiverged
 from forge_ds.options import CheckOptions, RunOptions
 from forge_ds.slurm_template import slurm_template
 
@@ -100,6 +100,7 @@ def export(checkpoint_dir: str, out: Optional[str] = None, overwrite: bool = Fal
     from forge_ds import export as export_mod
     from forge_ds.config import modularforge_yaml
     from forge_ds.files import atomic_write_text
+    from forge_ds.preflight import check_writable_dir
 
     path = Path(checkpoint_dir).resolve()
     if (path / "checkpoints").is_dir():
@@ -111,7 +112,8 @@ def export(checkpoint_dir: str, out: Optional[str] = None, overwrite: bool = Fal
     checkpoint.verify_manifest(ckpt)
     cfg = checkpoint.saved_config(ckpt)
     state = checkpoint.read_state(ckpt)
-    out_dir = Path(out).resolve() if out else ckpt.parent.parent / f"export-{ckpt.name}"
+    out_dir = Path(str(out)).resolve() if out else ckpt.parent.parent / f"export-{ckpt.name}"
+    check_writable_dir(out_dir, "--out")
     if (out_dir / f"{export_mod.EXPORT_STEM}.pt").exists() and not overwrite:
         raise ForgeError(f"{out_dir} already holds an export; pass --overwrite or another --out")
     m = cfg.model
@@ -250,6 +252,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except TrainingDiverged as e:
         print(f"{USER_ERROR_PREFIX}rank {launch_env.rank_hint()[0]}: {e}", file=sys.stderr, flush=True)
         code = 3
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C: one line, what was kept, no traceback
+        if launch_env.user_error_speaker() is not None:
+            print(f"forge-ds: {str(e) or 'stopped by Ctrl-C; nothing half-written was kept'}", file=sys.stderr, flush=True)
+        code = 130
     except BrokenPipeError:  # `forge-ds train --help | head`: the reader left, nothing more to say
         code = 0
     except SystemExit as e:  # a command's own code (train stopped by a signal), or fire's usage errors

@@ -20,6 +20,11 @@ class ForgeError(Exception):
     """A user-facing error: bad input, not a bug."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C ended a phase that cannot finish its work later by itself; the message says what to run instead.
+    The CLI prints it as one line and exits 130 (128 + SIGINT)."""
+
+
 class TrainingDiverged(RuntimeError):
     """Loss or gradient went non-finite; the last good checkpoint is kept. Here, not in train.py, so that the CLI
     catches it without importing the training stack (data, tokenizers, DeepSpeed) for commands that never train."""

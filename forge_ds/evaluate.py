@@ -15,14 +15,16 @@ import io
 import json
 import math
 import pickle
+import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from forge_ds import checkpoint, data, distributed, launch_env
+from forge_ds import checkpoint, data, distributed, faults, launch_env
 from forge_ds.config import Config
 from forge_ds.errors import ForgeError, describe
 from forge_ds.files import sha256_file
@@ -103,20 +105,25 @@ def load_run_tokenizer(ckpt: Path, cfg: Config, state: checkpoint.TrainState):
 
 
 @torch.no_grad()
-def mean_loss(model, windows: data.TokenWindows, batch_size: int, device: str, max_batches: Optional[int]) -> float:
+def mean_loss(model, windows: data.TokenWindows, batch_size: int, device: str, max_batches: Optional[int],
+              stop_requested: Optional[Callable[[], bool]] = None, progress: bool = False) -> Optional[float]:
     """Token-weighted mean loss of `model` (a DeepSpeed engine during training, a plain module offline) over the
-    split. Every rank runs the same number of forwards (ZeRO-3 gathers
-    parameters collectively), so short ranks repeat a window with weight zero."""
+    split, or None when `stop_requested()` (called before each batch, on every rank: it must agree across ranks)
+    said to stop. Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively), so short
+    ranks repeat a window with weight zero. `progress`: a bar on stderr, refreshed every few seconds."""
     rank, world = distributed.rank(), distributed.world_size()
     indices = list(range(len(windows)))
     per_rank = math.ceil(len(indices) / world)
     mine = indices[rank * per_rank:(rank + 1) * per_rank]
-    n_batches = math.ceil(per_rank / batch_size)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
+    n_batches = batches_per_rank(len(windows), world, batch_size, max_batches)
     model.eval()
     loss_sum = tokens = 0.0
-    for b in range(n_batches):
+    for b in tqdm(range(n_batches), desc="evaluate", unit="batch", disable=not progress, mininterval=5.0,
+                  file=sys.stderr):
+        if stop_requested is not None and stop_requested():
+            model.train()
+            return None
+        faults.point("eval_batch")  # tests: a slow evaluation, for Ctrl-C to land in
         chunk = mine[b * batch_size:(b + 1) * batch_size]
         weight = 1.0 if chunk else 0.0
         x, y = get_batch(windows, chunk or [0], device)
@@ -126,6 +133,11 @@ def mean_loss(model, windows: data.TokenWindows, batch_size: int, device: str, m
     model.train()
     total_loss, total_tokens = distributed.all_reduce([loss_sum, tokens])
     return total_loss / max(total_tokens, 1.0)
+
+
+def batches_per_rank(n_windows: int, world: int, batch_size: int, max_batches: Optional[int]) -> int:
+    n_batches = math.ceil(math.ceil(n_windows / world) / batch_size)
+    return min(n_batches, max_batches) if max_batches else n_batches
 
 
 def get_batch(windows: data.TokenWindows, indices: list[int], device: str):
@@ -203,7 +215,7 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
             or _tokenize(cfg, split, tok, Path(tmp) / f"{split}.bin")
         windows = data.TokenWindows(bin_path, cfg.model.max_seq_len)
         batch = batch_size or cfg.training.batch_size
-        loss = mean_loss(model, windows, batch, device, max_batches)
+        loss = mean_loss(model, windows, batch, device, max_batches, progress=show and distributed.is_main())
         unigram = data.unigram_entropy(bin_path)
         result = {"checkpoint": str(ckpt), "step": state.step, "zero_stage": state.zero_stage,
                   "source": cfg.data.source, "split": split, "tokens": windows.n_tokens, "windows": len(windows),

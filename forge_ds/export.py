@@ -19,7 +19,7 @@ import torch
 
 from forge_ds import distributed, faults
 from forge_ds.errors import ForgeError, describe
-from forge_ds.files import atomic_torch_save, atomic_write_text, save_safetensors_streamed, sha256_file
+from forge_ds.files import atomic_write_group, sha256_file, temp_path, write_safetensors_streamed
 from forge_ds.model import SharedComponents, contract_keys, sinusoidal_table
 
 EXPORT_STEM = "shared_components"
@@ -163,18 +163,23 @@ def metadata(cfg, state, world_size: int, val_loss: Optional[float], exported_we
 
 
 def write(state: dict, out_dir: Path, metadata: dict) -> dict[str, Path]:
-    """Rank 0 only. Temporary names, then renames: a crash never leaves a half-written export in place. Nothing but
-    `state` is held while writing: the whole dict is torch.save's floor, and the export adds nothing to it."""
+    """Rank 0 only. All three files or none: each is written under a temporary name, then all are renamed, so a
+    crash or Ctrl-C never leaves a half-written or mismatched export in place. Nothing but `state` is held while
+    writing: the whole dict is torch.save's floor, and the export adds nothing to it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{EXPORT_STEM}.{ext}" for ext in ("pt", "safetensors", "json")}
     faults.point("export_before_write")
-    atomic_torch_save(state, paths["pt"])
-    # safetensors has no shared storage: the tied matrix is written twice there (equal values).
-    save_safetensors_streamed(state, paths["safetensors"], {"format": "pt"})
-    meta = dict(metadata)
-    meta["sha256"] = {paths["pt"].name: sha256_file(paths["pt"]), paths["safetensors"].name: sha256_file(paths["safetensors"])}
-    meta["keys"] = list(state)
-    atomic_write_text(paths["json"], json.dumps(meta, indent=2))
+
+    def write_json(tmp: Path) -> None:
+        # The checksums are of the temporary files: the renames do not change a byte.
+        sums = {paths[ext].name: sha256_file(temp_path(paths[ext])) for ext in ("pt", "safetensors")}
+        tmp.write_text(json.dumps({**metadata, "sha256": sums, "keys": list(state)}, indent=2), encoding="utf-8")
+
+    atomic_write_group({
+        paths["pt"]: lambda tmp: torch.save(state, tmp),
+        # safetensors has no shared storage: the tied matrix is written twice there (equal values).
+        paths["safetensors"]: lambda tmp: write_safetensors_streamed(state, tmp, {"format": "pt"}),
+        paths["json"]: write_json})
     return paths
 
 

@@ -43,18 +43,34 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def atomic_write_group(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """Files that belong together (an export's .pt, .safetensors and .json): each is written under its temporary
+    name, in order, and only then are all renamed into place; an error or Ctrl-C before the renames leaves none of
+    them, and the files they replace stay as they were."""
+    try:
+        for path, write in writers.items():
+            write(temp_path(path))
+        for path in writers:
+            os.replace(temp_path(path), path)
+    except BaseException:
+        for path in writers:
+            temp_path(path).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 def save_safetensors_streamed(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """write_safetensors_streamed, atomically."""
+    atomic_write(path, lambda tmp: write_safetensors_streamed(state, tmp, metadata))
+
+
+def write_safetensors_streamed(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """What safetensors' `save_file` writes, byte for byte (8-byte little-endian header length, compact JSON header
     padded with spaces to 8 bytes, the tensors end to end sorted by dtype then name: by name here, all fp32), but
-    streamed from `state`, atomically. Why not save_file: it refuses the tied matrix's shared storage, and an untied
+    streamed from `state`. Why not save_file: it refuses the tied matrix's shared storage, and an untied
     copy to please it would cost as much memory again as the embedding (the export's ≤ 1.1x memory target)."""
     header, offset = {"__metadata__": metadata}, 0
     for name in sorted(state):
@@ -67,10 +83,7 @@ def save_safetensors_streamed(state: dict[str, torch.Tensor], path: Path, metada
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for name in sorted(state):
-                f.write(state[name].detach().contiguous().numpy())  # the tensor's own memory, no bytes copy
-
-    atomic_write(path, write)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in sorted(state):
+            f.write(state[name].detach().contiguous().numpy())  # the tensor's own memory, no bytes copy

@@ -76,7 +76,8 @@ class Metrics:
 
     def __init__(self, run_dir: Path, tb_dir: Path, enabled: bool, total_steps: int, start_step: int,
                  log_every: int, tokens_per_step: int, samples_per_step: int, flops_per_tok: float, peak: Optional[float],
-                 world_size: int, device: str, fp16: bool, terminal: bool):
+                 world_size: int, device: str, fp16: bool, terminal: bool, eval_every: int = 0,
+                 eval_batches: int = 0, grad_accum: int = 1):
         self.enabled = enabled
         self.total_steps, self.log_every = total_steps, log_every
         self.tokens_per_step, self.flops_per_tok, self.peak = tokens_per_step, flops_per_tok, peak
@@ -84,6 +85,8 @@ class Metrics:
         self.world_size, self.device, self.fp16 = world_size, device, fp16
         self.start_time = time.time()
         self.steps_timed, self.time_in_steps = 0, 0.0
+        self.eval_every, self.eval_batches, self.grad_accum = eval_every, eval_batches, grad_accum
+        self.evals_timed, self.time_in_evals = 0, 0.0
         self.peak_rss = 0.0
         self.writer = self.bar = self.jsonl = None
         if not enabled:
@@ -144,9 +147,25 @@ class Metrics:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         elif step % self.log_every == 0 or step == self.total_steps:
-            eta = (self.total_steps - step) * (self.time_in_steps / self.steps_timed)
+            eta = self.eta_s(step)
             print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3e} tok/s {tokens_per_s:,.0f} "
                   f"eta {eta:,.0f}s", flush=True)
+
+    def evaluation_time(self, seconds: float) -> None:
+        self.evals_timed += 1
+        self.time_in_evals += seconds
+
+    def eta_s(self, step: int) -> float:
+        """Seconds to the end of the schedule: the steps left and the evaluations left (every eval_every-th step
+        before the last, and the final one). Before the first evaluation is timed, an evaluation batch is
+        costed as a third of a micro-batch's step (a forward without backward and optimizer)."""
+        step_s = self.time_in_steps / max(self.steps_timed, 1)
+        evals_left = 0
+        if self.eval_every:  # multiples of eval_every after `step` and before the last step, plus the final one
+            evals_left = max(0, (self.total_steps - 1) // self.eval_every - step // self.eval_every) + 1
+        eval_s = (self.time_in_evals / self.evals_timed if self.evals_timed
+                  else self.eval_batches * step_s / (3 * self.grad_accum))
+        return (self.total_steps - step) * step_s + evals_left * eval_s
 
     def evaluation(self, step: int, val_loss: float) -> None:
         if not self.enabled:

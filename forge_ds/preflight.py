@@ -9,7 +9,9 @@ what needs the data: window counts, the batch split and the saved state a resume
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,6 +48,10 @@ def preflight(cfg: Config, opts: RunOptions, env: launch_env.Env, world_size: in
         distributed.init(device)
     run_dir = resolve_run_dir(opts, env)
     check_run_dir(run_dir, opts)
+    for flag, path in (("--output_dir", run_dir), ("--tensorboard_dir", opts.tensorboard_dir),
+                       ("--data.prepared_dir", cfg.data.prepared_dir or "data/prepared")):
+        if path is not None:
+            check_writable_dir(Path(path).resolve(), flag)
     target, notes = find_resume_target(run_dir, opts, cfg)
     prepared = distributed.on_main(lambda: prepare_data(cfg, show_progress=training))
     meta = data.read_meta(prepared)
@@ -59,7 +65,8 @@ def preflight(cfg: Config, opts: RunOptions, env: launch_env.Env, world_size: in
         raise ForgeError(f"the training split has {len(train_windows)} windows, fewer than one global batch of "
                          f"{sampler.global_batch}; lower --training.batch_size or add text")
     total_steps = t.max_steps or t.epochs_shared * sampler.steps_per_epoch
-    plan = resume.plan(target, ds, sampler.global_batch, meta, world_size, convert=training) if target else None
+    plan = (resume.plan(target, cfg, ds, sampler.global_batch, meta, world_size, convert=training) if target
+            else None)
     if plan is not None:
         ds, notes = plan.ds, notes + list(plan.notes)
     return Preflight(device, precision, ds, init_state, run_dir, prepared, meta, train_windows, val_windows, sampler,
@@ -78,6 +85,8 @@ def check_inputs(cfg: Config, opts: RunOptions, world_size: int) -> tuple[str, s
         lr=t.learning_rate, weight_decay=t.weight_decay, precision=precision, device=device, source=str(ds_source))
     if opts.init_from and opts.resume:
         raise ForgeError("--init_from starts a new run from an export; it cannot be combined with --resume")
+    if opts.resume and opts.overwrite:
+        raise ForgeError("--resume continues a run and --overwrite replaces it; pass one of them")
     if t.compile and ds_config.zero_stage(ds) == 3:
         # Measured with DeepSpeed 0.19.8 / torch 2.13: ZeRO-3 gathers and re-partitions parameters around each
         # module, so every call sees new shapes, dynamo recompiles until its limit and falls back to eager.
@@ -129,12 +138,32 @@ def check_run_dir(run_dir: Path, opts: RunOptions) -> None:
                          "--overwrite to start over, or another --output_dir")
 
 
+def check_writable_dir(path: Path, flag: str) -> None:
+    """A directory the run will create or write into: not an existing file, not under one, and in a place that
+    takes writes. Probed by creating (and removing) an empty folder in its nearest existing parent: permission
+    bits say little to root, and a place like /proc refuses writes whatever they say."""
+    if path.exists() and not path.is_dir():
+        raise ForgeError(f"{flag}={path} is an existing file, not a directory; give a directory path")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ForgeError(f"{flag}={path} lies under {parent}, which is a file; give a path under a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".forge-ds-probe-", dir=parent))
+    except OSError as e:
+        raise ForgeError(f"{flag}={path}: nothing can be written under {parent} ({e.strerror}); choose a "
+                         "writable place") from None
+
+
 def find_resume_target(run_dir: Path, opts: RunOptions, cfg: Config) -> tuple[Optional[Path], list[str]]:
     """The checkpoint to continue (None: a fresh run) and notes on the config changes it accepts. Checked before
     any data work: a wrong target or an incompatible change fails in seconds."""
     target = checkpoint.find_resume_target(run_dir, opts.resume) if opts.resume else None
     if target is None:
-        return None, []
+        # An explicit tag or path that does not exist failed above; `auto` with nothing to resume starts fresh,
+        # which is what a SLURM job's first submission relies on.
+        return None, [f"resume: no complete checkpoint in {run_dir} yet; starting a fresh run"] if opts.resume else []
     notes = resume.compare_configs(checkpoint.saved_config(target), cfg, opts.allow_schedule_change)
     distributed.on_main(lambda: checkpoint.verify_manifest(target))
     return target, notes

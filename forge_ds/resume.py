@@ -32,11 +32,12 @@ class ResumePlan:
         return self.load_from != self.target
 
 
-def plan(target: Path, ds: dict, global_batch: int, meta: dict, world_size: int, convert: bool = True) -> ResumePlan:
+def plan(target: Path, cfg: Config, ds: dict, global_batch: int, meta: dict, world_size: int,
+         convert: bool = True) -> ResumePlan:
     """Collective when `convert` (rank 0 converts, the others wait under set-up's long timeout). `forge-ds check`
     passes convert=False: it names the universal folder a resume would use without writing it."""
     saved = checkpoint.read_state(target)
-    _check_state(target, saved, ds, global_batch, meta)
+    _check_state(target, saved, cfg, ds, global_batch, meta)
     if saved.world_size == world_size:
         return ResumePlan(target, saved, target, world_size, ds, ())
     if saved.zero_stage == 0:
@@ -59,10 +60,15 @@ def restore(engine, resume: ResumePlan) -> tuple[TrainState, dict]:
     return dataclasses.replace(resume.saved, world_size=resume.world_size), checkpoint.read_frozen(resume.target)
 
 
-def _check_state(target: Path, saved: TrainState, ds: dict, global_batch: int, meta: dict) -> None:
+def _check_state(target: Path, saved: TrainState, cfg: Config, ds: dict, global_batch: int, meta: dict) -> None:
     if saved.tokenizer_sha256 != meta["tokenizer_sha256"]:
-        raise ForgeError(f"{target} was trained with another tokenizer (sha256 {saved.tokenizer_sha256[:12]}"
-                         f"… vs {meta['tokenizer_sha256'][:12]}…); resume with the original data settings")
+        # The data settings are unchanged (compare_configs ran first), so what changed is a file behind them:
+        # the tokenizer file itself, or the corpus the tokenizer is trained on.
+        what = (f"the tokenizer file {cfg.data.tokenizer}" if cfg.data.tokenizer else
+                f"the corpus behind data.source={cfg.data.source} (the tokenizer is trained on it)")
+        raise ForgeError(f"{target}: {what} changed since this checkpoint was saved (tokenizer sha256 "
+                         f"{saved.tokenizer_sha256[:12]}… then, {meta['tokenizer_sha256'][:12]}… now); restore the "
+                         "original data to resume, or start a new run in another --output_dir")
     if saved.global_batch != global_batch:
         raise ForgeError(f"resume: global batch {saved.global_batch} -> {global_batch}; keep "
                          "batch_size x gradient_accumulation_steps x ranks equal to resume")

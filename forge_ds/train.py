@@ -18,8 +18,9 @@ from typing import Optional
 from forge_ds import (checkpoint, data, distributed, ds_config, export, faults, launch_env, package, preemption,
                       resume)
 from forge_ds.config import Config, modularforge_yaml, to_yaml
+from forge_ds.errors import Interrupted
 from forge_ds.engine import Stepper, build_engine, build_model
-from forge_ds.evaluate import mean_loss
+from forge_ds.evaluate import batches_per_rank, mean_loss
 from forge_ds.files import atomic_write_text
 from forge_ds.metrics import Metrics, flops_per_token, peak_flops, perplexity
 from forge_ds.options import RunOptions
@@ -76,7 +77,11 @@ def setup(cfg: Config, opts: RunOptions, env: launch_env.Env, notes: list[str]) 
                       flops_per_tok=flops_per_token(shared_params + temp_params, m.n_layers, m.d_model,
                                                     m.max_seq_len),
                       peak=peak_flops(pf.device, opts.peak_tflops), world_size=env.world_size, device=pf.device,
-                      fp16=pf.precision == "fp16", terminal=launch_env.stdout_is_terminal())
+                      fp16=pf.precision == "fp16", terminal=launch_env.stdout_is_terminal(),
+                      eval_every=cfg.training.eval_every, eval_batches=batches_per_rank(len(pf.val_windows), env.world_size,
+                                                                cfg.training.batch_size,
+                                                                cfg.training.eval_max_batches),
+                      grad_accum=cfg.training.gradient_accumulation_steps)
     stepper = Stepper(engine, cfg, pf.precision, state.zero_stage, env.rank, env.world_size, pf.device)
     run = Run(cfg, opts, env, pf.run_dir, pf.device, pf.precision, pf.ds, engine, stepper, pf.train_windows,
               pf.val_windows, pf.sampler, pf.total_steps, state, frozen, pf.meta, metrics,
@@ -117,8 +122,8 @@ def fit(run: Run) -> str:
                                skipped_steps=getattr(engine, "skipped_steps", None))
         faults.point("after_step")  # tests: `after_step:sleep0.5` slows steps so a signal lands mid-run
         # 4. evaluate
-        if state.step % t.eval_every == 0 and state.step < run.total_steps:
-            evaluate_and_track(run)
+        if state.step % t.eval_every == 0 and state.step < run.total_steps and evaluate_and_track(run) is None:
+            stop_flag = 1.0  # a stop signal ended the evaluation: every rank agreed, now save and stop
         # 5. checkpoint
         if state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
             save(run)
@@ -133,10 +138,17 @@ def fit(run: Run) -> str:
     return reason
 
 
-def evaluate_and_track(run: Run) -> float:
-    with distributed.long_wait():
+def evaluate_and_track(run: Run) -> Optional[float]:
+    """The validation loss, or None when a stop signal ended the evaluation (every rank agrees between batches:
+    ZeRO-3's forwards are collective, so a rank that stopped alone would hang the others)."""
+    started = time.perf_counter()
+    with distributed.long_wait(), preemption.phase("poll"):
         val = mean_loss(run.engine, run.val_windows, run.cfg.training.batch_size, run.device,
-                        run.cfg.training.eval_max_batches)
+                        run.cfg.training.eval_max_batches,
+                        stop_requested=lambda: distributed.any_rank(preemption.local_stop_requested()))
+    if val is None:
+        return None
+    run.metrics.evaluation_time(time.perf_counter() - started)
     run.state.last_val_loss = val
     if run.state.best_val_loss is None or val < run.state.best_val_loss:
         run.state.best_val_loss, run.state.best_step = val, run.state.step
@@ -155,11 +167,38 @@ def save(run: Run) -> Path:
     return ckpt
 
 
-def finish(run: Run) -> dict:
-    """End of a completed schedule: final evaluation and checkpoint, then the export of final or best weights."""
+def finish(run: Run) -> Optional[dict]:
+    """End of a completed schedule: final evaluation and checkpoint, then the export of final or best weights.
+    None when a stop signal ended the final evaluation: the checkpoint is saved, and a resume finishes the job."""
+    cfg, state = run.cfg, run.state
+    with preemption.phase("step"):  # a signal during the final save only sets the flag: the save completes
+        val = evaluate_and_track(run)
+        save(run)
+    if val is None:
+        return None
+    try:
+        paths = export_weights(run, val)
+    except KeyboardInterrupt:  # all three files or none were written (export.write), and the checkpoint is whole
+        raise Interrupted(f"stopped by Ctrl-C during the export, which was abandoned; checkpoint "
+                          f"{checkpoint.tag_for(state.step)} is complete: run `forge-ds export {run.run_dir}` "
+                          "later to write the shared export") from None
+    summary = run.metrics.summary(run.run_dir, {
+        "final_train_loss": state.last_train_loss, "final_train_ppl": perplexity(state.last_train_loss),
+        "final_val_loss": val, "final_val_ppl": perplexity(val),
+        "best_val_loss": state.best_val_loss, "best_step": state.best_step, "steps": state.step,
+        "tokens_seen": state.tokens_seen, "export": str(paths.get("pt", run.run_dir / "shared_components.pt")),
+        "checkpoints": str(run.run_dir / "checkpoints"),
+        "tensorboard": str(tensorboard_dir(run.opts, run.run_dir)),
+        "metrics": str(run.run_dir / "metrics.jsonl")})
+    run.metrics.hparams({**{f"model.{k}": v for k, v in cfg.model.model_dump().items()},
+                         **{f"training.{k}": v for k, v in cfg.training.model_dump().items()},
+                         "zero_stage": state.zero_stage, "world_size": run.env.world_size}, val, state.step)
+    return summary
+
+
+def export_weights(run: Run, val: float) -> dict[str, Path]:
+    """Collective: gather the final (or best) shared weights; rank 0 writes the export. Returns its paths (rank 0)."""
     cfg, state, m = run.cfg, run.state, run.cfg.model
-    val = evaluate_and_track(run)
-    save(run)
     best = cfg.training.export == "best" and state.best_step != state.step
     with distributed.long_wait():
         if best:
@@ -175,18 +214,7 @@ def finish(run: Run) -> dict:
             paths = export.write(weights, run.run_dir, export.metadata(
                 cfg, state, run.env.world_size, val, cfg.training.export, state.best_step if best else state.step))
         distributed.barrier()
-    summary = run.metrics.summary(run.run_dir, {
-        "final_train_loss": state.last_train_loss, "final_train_ppl": perplexity(state.last_train_loss),
-        "final_val_loss": val, "final_val_ppl": perplexity(val),
-        "best_val_loss": state.best_val_loss, "best_step": state.best_step, "steps": state.step,
-        "tokens_seen": state.tokens_seen, "export": str(paths.get("pt", run.run_dir / "shared_components.pt")),
-        "checkpoints": str(run.run_dir / "checkpoints"),
-        "tensorboard": str(tensorboard_dir(run.opts, run.run_dir)),
-        "metrics": str(run.run_dir / "metrics.jsonl")})
-    run.metrics.hparams({**{f"model.{k}": v for k, v in cfg.model.model_dump().items()},
-                         **{f"training.{k}": v for k, v in cfg.training.model_dump().items()},
-                         "zero_stage": state.zero_stage, "world_size": run.env.world_size}, val, state.step)
-    return summary
+    return paths
 
 
 def train(cfg: Config, opts: RunOptions, env: launch_env.Env, notes: list[str]) -> int:
@@ -196,20 +224,24 @@ def train(cfg: Config, opts: RunOptions, env: launch_env.Env, notes: list[str]) 
     preemption.install_stop_handlers()
     run = setup(cfg, opts, env, notes)
     try:
-        reason = fit(run)
+        with preemption.phase("step"):
+            reason = fit(run)
+        summary = finish(run) if reason == "done" else None
         code = 0
-        if reason == "done":
-            summary = finish(run)
+        if summary is not None:
             _say(env, f"shared export written: {summary['export']}")
         elif reason == "budget":
             _say(env, f"stopped after {opts.stop_after_steps} steps at step {run.state.step}/{run.total_steps}; "
                       f"resume with --resume --output_dir={run.run_dir}")
         else:  # a stop signal: every rank has saved; under SLURM rank 0 requeues the job (which kills this step)
-            distributed.barrier()
+            # The signal any rank got (rank 0 may have got none: the ranks agree to stop); also the barrier
+            # that makes sure every rank saved before a requeue kills the step.
+            signum = int(distributed.all_reduce([float(preemption.stop_signal_number())], op="max")[0])
             requeued = env.is_main and preemption.requeue_slurm_job(env)
-            _say(env, f"stopped by {preemption.stop_signal_name()} at step {run.state.step}; checkpoint saved"
-                      + ("; job requeued" if requeued else f"; resume with --resume --output_dir={run.run_dir}"))
-            code = 0 if env.slurm_job_id else 128 + preemption.stop_signal_number()
+            during = " during the final evaluation (resume to evaluate and export)" if reason == "done" else ""
+            _say(env, f"stopped by {preemption.signal_name(signum)} at step {run.state.step}{during}; checkpoint "
+                      "saved" + ("; job requeued" if requeued else f"; resume with --resume --output_dir={run.run_dir}"))
+            code = 0 if env.slurm_job_id else 128 + signum
     finally:
         run.metrics.close()
     # Leave together, and take the process group down before the interpreter does: a rank whose group is torn

@@ -227,6 +227,19 @@ CASES = {
                                              ["unfinished", "unfinished run", "--resume"]),
     "output_dir_holding_a_finished_run": (lambda w: [f"--output_dir={w.run}"],
                                           ["already holds a finished run", "--overwrite", "--resume"]),
+    # Paths the run will write: a file, under a file, or a place that takes no writes (tests run as root, so
+    # /proc rather than permission bits).
+    "output_dir_is_a_file": (lambda w: [f"--output_dir={w.inputs / 'short.txt'}"],
+                             ["--output_dir=", "short.txt is an existing file"]),
+    "output_dir_under_a_file": (lambda w: [f"--output_dir={w.inputs / 'short.txt' / 'run'}"],
+                                ["--output_dir=", "lies under", "short.txt, which is a file"]),
+    "output_dir_where_nothing_can_be_written": (lambda w: ["--output_dir=/proc/forge-ds-run"],
+                                                ["--output_dir=/proc/forge-ds-run", "nothing can be written"]),
+    "tensorboard_dir_is_a_file": (lambda w: [f"--tensorboard_dir={w.inputs / 'short.txt'}"],
+                                  ["--tensorboard_dir=", "is an existing file"]),
+    "prepared_dir_under_a_file": (lambda w: [f"--data.prepared_dir={w.inputs / 'short.txt' / 'prep'}"],
+                                  ["--data.prepared_dir=", "which is a file"]),
+    "resume_with_overwrite": (lambda w: ["--resume"], ["--resume continues a run", "--overwrite replaces it"]),
 }
 
 
@@ -267,6 +280,42 @@ def test_check_passes_on_good_flags_fresh_and_resuming(work, cli):
     line = error_line(cli.run(["check", *changed], cwd=work.cwd))
     assert "model.d_ff: 64 -> 128" in line
     assert error_line(cli.run(["train", *changed], cwd=work.cwd)) == line
+
+
+def test_resume_into_a_missing_or_empty_output_dir_starts_fresh_and_says_so(work, cli):
+    """What a SLURM job's first submission relies on: --resume with nothing to resume is a fresh run."""
+    for target in (work.inputs / "first-submission", work.inputs / "empty-run"):
+        if target.name == "empty-run":
+            target.mkdir()
+        r = cli.run(["check", *work.args([f"--output_dir={target}", "--resume"])], cwd=work.cwd)
+        assert r.returncode == 0, r.output[-3000:]
+        assert f"resume: no complete checkpoint in {target} yet; starting a fresh run" in r.stdout
+    missing = cli.run(["check", *work.args([f"--output_dir={work.inputs / 'empty-run'}", "--resume=step-00000002"])],
+                      cwd=work.cwd)
+    assert "no checkpoint folder" in error_line(missing)  # an explicit tag must exist
+
+
+def test_resume_after_the_corpus_changed_blames_the_data_not_the_tokenizer(work, cli, tmp_path):
+    """Same flags, same data.source path, other text behind it: the checkpoint's tokenizer cannot match."""
+    cwd, inputs = tmp_path / "cwd", tmp_path / "inputs"
+    cwd.mkdir()
+    inputs.mkdir()
+    text = (work.inputs / "corpus.txt").read_bytes()
+    (inputs / "corpus.txt").write_bytes(text.replace(b"cat", b"owl").replace(b"dog", b"elk"))
+    shutil.copytree(work.run / "checkpoints", tmp_path / "run" / "checkpoints")
+    same = [*TINY, "--data.source=../inputs/corpus.txt", "--deepspeed_config=zero0", "--training.precision=bf16",
+            f"--training.max_steps={STEPS}", f"--training.eval_every={EVERY}", f"--training.checkpoint_every={EVERY}",
+            f"--output_dir={tmp_path / 'run'}", f"--data.prepared_dir={tmp_path / 'prepared'}", "--resume"]
+    line = error_line(cli.run(["check", *same], cwd=cwd))
+    assert "the corpus behind data.source=../inputs/corpus.txt" in line and "changed since" in line
+    assert "another tokenizer" not in line
+    assert error_line(cli.run(["train", *same], cwd=cwd)) == line
+
+
+def test_export_out_that_cannot_be_written_is_one_line(work, cli):
+    for out, fragment in ((work.inputs / "short.txt", "is an existing file"), ("/proc/forge-export", "nothing can")):
+        r = cli.run(["export", str(work.run), f"--out={out}"], cwd=work.cwd)
+        assert fragment in error_line(r)
 
 
 def test_bf16_at_zero0_on_cpu_trains_resumes_and_exports_a_valid_file(work, cli):
