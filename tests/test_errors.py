@@ -167,6 +167,18 @@ CASES = {
     "unknown_section_on_command_line": (lambda w: ["--trainig.max_steps=3"], ["unknown option --trainig.max_steps"]),
     "wrong_type": (lambda w: ["--model.d_model=abc"], ["model.d_model='abc'", "integer"]),
     "d_model_not_divisible_by_n_heads": (lambda w: ["--model.d_model=30"], ["d_model=30", "n_heads=4"]),
+    "zero_heads": (lambda w: ["--model.n_heads=0"],  # a ZeroDivisionError once: the bound runs before d_model % n_heads
+                   ["command line: model.n_heads=0 is invalid (must be an integer >= 1)"]),
+    "nan_learning_rate": (lambda w: ["--training.learning_rate=nan"],
+                          ["training.learning_rate=nan is invalid (must be a finite number > 0)"]),
+    "nan_weight_decay": (lambda w: ["--training.weight_decay=nan"], ["training.weight_decay=nan", ">= 0"]),
+    "nan_max_grad_norm": (lambda w: ["--training.max_grad_norm=nan"], ["training.max_grad_norm=nan", ">= 0"]),
+    "infinite_max_grad_norm": (lambda w: ["--training.max_grad_norm=1e999"], ["training.max_grad_norm=inf"]),
+    "dropout_of_one": (lambda w: ["--model.dropout=1.0"], ["model.dropout=1.0", "must be a number in [0, 1)"]),
+    "negative_warmup": (lambda w: ["--training.warmup_steps=-1"], ["training.warmup_steps=-1", "integer >= 0"]),
+    "zero_eval_max_batches": (lambda w: ["--training.eval_max_batches=0"],
+                              ["training.eval_max_batches=0", "integer >= 1 or None"]),
+    "val_fraction_of_one": (lambda w: ["--data.val_fraction=1"], ["data.val_fraction=1", "(0, 1)"]),
     "vocab_size_leaves_no_room_for_specials": (lambda w: ["--model.vocab_size=4"], ["vocab_size=4", "special"]),
     "vocab_size_below_the_byte_alphabet": (lambda w: ["--model.vocab_size=100"], ["vocab_size=100", "260"]),
     "vocab_size_smaller_than_the_tokenizer": (
