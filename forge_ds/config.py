@@ -59,7 +59,8 @@ class TrainingConfig(_Section):
     recipe: Literal["balanced", "modularforge"] = "balanced"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0)  # worker processes for tokenizing the corpus and for preparing batches ahead of the step
+    # worker processes for tokenizing the corpus and for preparing batches ahead of the step
+    num_workers: int = Field(0, ge=0)
     compile: bool = False
     activation_checkpointing: bool = False
     max_skipped_steps: int = Field(20, ge=0)  # fp16 overflow steps in a row before we call it divergence
