@@ -99,7 +99,7 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     """Every validation `train` does before its first step, without training: run it with train's flags before
     sbatch (--world_size=N checks the batch split for N ranks; default: this launch's). It prepares the data, as
     train would (cached, so train reuses it): only the token counts tell whether the corpus fills a window."""
-    from forge_ds import checkpoint, data, ds_config
+    from forge_ds import checkpoint, data, ds_config, runlock
     from forge_ds.train import (RunOptions, check_resume_state, check_run_dir, preflight, prepare_data,
                                 resolve_run_dir)
 
@@ -116,6 +116,7 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     device, precision, ds, _ = preflight(cfg, opts, world)
     t = cfg.training
     run_dir = resolve_run_dir(opts, env)
+    runlock.refuse_if_locked(run_dir)
     check_run_dir(run_dir, opts)
     target = checkpoint.find_resume_target(run_dir, opts.resume) if opts.resume else None
     if target is not None:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from forge_ds import checkpoint, data, distributed, ds_config, export, universal
+from forge_ds import checkpoint, data, distributed, ds_config, export, runlock, universal
 from forge_ds.config import Config, modularforge_yaml, to_yaml
 from forge_ds.errors import ForgeError, TrainingDiverged
 from forge_ds.metrics import Metrics, flops_per_token, peak_flops
@@ -215,6 +215,7 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
     t = cfg.training
     distributed.init(device)
     run_dir = resolve_run_dir(opts, env)
+    on_main(lambda: runlock.hold(run_dir), share=False)  # until the process ends; before anything is written
     check_run_dir(run_dir, opts)
     resume_from = checkpoint.find_resume_target(run_dir, opts.resume) if opts.resume else None
     if resume_from is not None:
@@ -598,7 +599,11 @@ def train(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
     # Before setup: a SLURM preemption signal that lands while ranks start up is then honoured at the first
     # step (checkpoint + requeue) instead of killing the job with USR1's default action.
     distributed.install_stop_handlers()
-    run = setup(cfg, opts, env, notes)
+    try:
+        run = setup(cfg, opts, env, notes)
+    except BaseException:
+        runlock.release_unused()  # a run refused on bad input leaves no run directory behind
+        raise
     try:
         reason = fit(run)
         if reason == "done":

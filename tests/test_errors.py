@@ -39,7 +39,10 @@ def error_line(r: Result) -> str:
 
 
 def snapshot(*dirs: Path) -> dict:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for d in dirs for p in sorted(d.rglob("*"))}
+    # run.lock aside: it names the last process that took the directory, and a refused `train` takes it first
+    # (forge_ds/runlock.py), so that nothing else is written while it checks.
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for d in dirs for p in sorted(d.rglob("*"))
+            if p.name != "run.lock"}
 
 
 def byte_level_tokenizer(path: Path, texts: list[str]) -> None:
