@@ -100,6 +100,7 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     sbatch (--world_size=N checks the batch split for N ranks; default: this launch's). It prepares the data, as
     train would (cached, so train reuses it): only the token counts tell whether the corpus fills a window."""
     from forge_ds import checkpoint, data, ds_config, runlock
+    from forge_ds import export as export_mod
     from forge_ds.train import (RunOptions, check_resume_state, check_run_dir, preflight, prepare_data,
                                 resolve_run_dir)
 
@@ -124,6 +125,7 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
         checkpoint.verify_manifest(target)
     prepared = prepare_data(cfg, show_progress=False)
     meta = data.read_meta(prepared)
+    export_mod.check_init_tokenizer(init_from, meta["tokenizer_sha256"])
     data.check_fits(prepared, cfg.model.max_seq_len)
     train_windows = data.TokenWindows(prepared / "train.bin", cfg.model.max_seq_len)
     sampler = data.GlobalBatchSampler(len(train_windows), t.batch_size, t.gradient_accumulation_steps, world, t.seed)

@@ -1,6 +1,7 @@
-"""File helpers shared by data, checkpoint and export: content hashes."""
+"""File helpers shared by data, checkpoint and export: content hashes, atomic writes."""
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -13,3 +14,13 @@ def sha256_file(path: Path) -> str:
         while n := f.readinto(block):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """A temporary name beside `path`, then a rename: a crash never leaves a half-written file there. Written with
+    open(), so the file gets the mode every other file of ours gets (0644 under the usual umask 022);
+    safetensors' own save_file (0.8) writes 0600."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

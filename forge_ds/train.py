@@ -224,6 +224,7 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
 
     prepared = on_main(lambda: prepare_data(cfg))
     meta = data.read_meta(prepared)
+    export.check_init_tokenizer(opts.init_from, meta["tokenizer_sha256"])
     data.check_fits(prepared, cfg.model.max_seq_len)
     train_windows = data.TokenWindows(prepared / "train.bin", cfg.model.max_seq_len)
     val_windows = data.TokenWindows(prepared / "val.bin", cfg.model.max_seq_len)
