@@ -229,7 +229,7 @@ def validate_checkpoint_dir(ckpt: Path) -> Path:
     if not ckpt.is_dir() or not any(ckpt.iterdir()):
         raise ForgeError(f"{ckpt}: checkpoint folder is empty or missing; pick a complete checkpoint "
                          "(one with a COMPLETE file) or use --resume=auto")
-    not_a_checkpoint(ckpt)
+    _refuse_non_checkpoint(ckpt)
     if not is_complete(ckpt):
         raise ForgeError(f"{ckpt}: checkpoint is incomplete (no {COMPLETE} marker: the save was interrupted); "
                          "use --resume=auto to take the newest complete one")
@@ -239,7 +239,7 @@ def validate_checkpoint_dir(ckpt: Path) -> Path:
     return ckpt
 
 
-def not_a_checkpoint(folder: Path) -> None:
+def _refuse_non_checkpoint(folder: Path) -> None:
     """ForgeError saying what `folder` is, when it is no checkpoint at all: a run directory (naming its newest
     complete checkpoint) or another folder. "Incomplete" is kept for real checkpoints whose save was cut."""
     if (folder / "checkpoints").is_dir():
@@ -247,9 +247,9 @@ def not_a_checkpoint(folder: Path) -> None:
         raise ForgeError(f"{folder}: a run directory, not a checkpoint folder; " + (
             f"its newest complete checkpoint is {complete[-1]}" if complete else
             "it holds no complete checkpoint (see its checkpoints/ folder)"))
-    if complete_checkpoints(folder):
-        raise ForgeError(f"{folder}: a folder of checkpoints, not one; the newest complete one is "
-                         f"{complete_checkpoints(folder)[-1]}")
+    inside = complete_checkpoints(folder)
+    if inside:
+        raise ForgeError(f"{folder}: a folder of checkpoints, not one; the newest complete one is {inside[-1]}")
     ours = any((folder / name).exists() for name in (COMPLETE, STATE_FILE, MANIFEST)) or any(
         folder.glob("*model_states.pt"))  # DeepSpeed's first file of a save, at every ZeRO stage
     if not ours and not TAG_PATTERN.fullmatch(folder.name.split("_")[0]):
