@@ -2,7 +2,7 @@
 
 The holders are small Python processes that import only forge_ds.runlock (milliseconds to start); the last test
 is the promise itself, with real `forge-ds` processes: two `train` runs cannot share a directory, `check` says so,
-`export` reads a locked run, and a SIGKILLed run's lock never blocks its resume.
+`export` and `evaluate` read a locked run, and a SIGKILLed run's lock never blocks its resume.
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ def test_two_trains_into_one_directory_the_second_fails_the_first_is_intact_and_
         assert user_error_line(cli.run(["check", *flags, "--overwrite"], cwd=tmp_path)) == line
         exported = cli.run(["export", str(run), f"--out={tmp_path / 'export'}"], cwd=tmp_path)
         assert exported.returncode == 0, exported.output[-3000:]  # export reads a locked run, never takes it
+        evaluated = cli.run(["evaluate", str(run), "--max_batches=1"], cwd=tmp_path)
+        assert evaluated.returncode == 0 and "step-00000002" in evaluated.output, evaluated.output[-3000:]
         assert {p: p.read_bytes() for p in before} == before  # nothing of the first run was touched
         assert "learning_rate: 0.003" in (run / "config.yaml").read_text()
 
