@@ -56,12 +56,13 @@ def hold(run_dir: Path) -> Optional[Path]:
         if fd is None:
             continue
         try:
-            if not _lock_exclusive(fd, run_dir, path):
-                os.close(fd)
-                return None
+            locked = _lock_exclusive(fd, run_dir, path)
         except BaseException:
             os.close(fd)
             raise
+        if not locked:  # kept open all the same: release_unused then tidies up a directory made for nothing
+            _held.append((fd, run_dir, created))
+            return None
         if _still_linked(fd, path):
             _write_holder(fd)
             _held.append((fd, run_dir, created))
@@ -114,8 +115,11 @@ def _write_holder(fd: int) -> None:
     # Written in place, then cut to length: a reader sees the previous holder's line or ours, never an empty file.
     line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode() + b"\n"
-    os.pwrite(fd, line, 0)
-    os.ftruncate(fd, len(line))
+    try:
+        os.pwrite(fd, line, 0)
+        os.ftruncate(fd, len(line))
+    except OSError:
+        pass  # a full disk: the lock holds all the same, only a second run's message cannot name us
 
 
 def _read_holder(path: Path) -> str:
