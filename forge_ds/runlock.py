@@ -49,6 +49,8 @@ def hold(run_dir: Path) -> Optional[Path]:
     host of the run that holds it. Returns the lock file, or None where the filesystem refuses locks (after a
     one-line warning: the run goes on unprotected rather than not at all)."""
     run_dir, path = Path(run_dir), Path(run_dir) / LOCK_NAME
+    if any(held == run_dir for _, held, _ in _held):
+        return path  # this process holds it already (setup called twice in one process, as a benchmark may)
     created = False
     for _ in range(20):  # another process may remove the directory it created, between our steps: start again
         created = created or not run_dir.exists()

@@ -91,6 +91,7 @@ def test_a_sigkilled_holder_never_blocks_the_next_run(tmp_path):
     assert runlock.holder(run) is None
     assert runlock.hold(run) == run / runlock.LOCK_NAME
     assert f'"pid": {os.getpid()}' in (run / runlock.LOCK_NAME).read_text()
+    assert runlock.hold(run) == run / runlock.LOCK_NAME  # again in the same process: it holds it already
     second = subprocess.run([sys.executable, "-c", HOLDER, str(run)], cwd=ROOT, env=base_env(),
                             capture_output=True, text=True, timeout=60)  # this process's lock is a real one
     assert second.returncode == 1 and f"in use by another forge-ds run (PID {os.getpid()} on" in second.stderr
