@@ -24,7 +24,7 @@ import torch
 from forge_ds import distributed, faults
 from forge_ds.config import Config, load_saved, to_yaml
 from forge_ds.errors import ForgeError, describe
-from forge_ds.files import atomic_write_text, sha256_file, temp_path
+from forge_ds.files import atomic_write_bytes, atomic_write_text, sha256_file, temp_path
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -112,7 +112,7 @@ def verify_manifest(ckpt: Path) -> None:
 
 def save(engine, root: Path, state: TrainState, cfg: Config, frozen: dict[str, torch.Tensor]) -> Path:
     """Collective: every rank calls it. DeepSpeed writes each rank's shards; rank 0 writes our single files."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_tensors
 
     tag = tag_for(state.step)
     ckpt = root / tag
@@ -141,8 +141,8 @@ def save(engine, root: Path, state: TrainState, cfg: Config, frozen: dict[str, t
     _agree(failure, root, tag)
     if distributed.is_main():
         try:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in frozen.items()},
-                      str(ckpt / "frozen_params.safetensors"))
+            atomic_write_bytes(ckpt / "frozen_params.safetensors",  # bytes: save_file would write it 0600
+                               save_tensors({k: v.detach().float().cpu().contiguous() for k, v in frozen.items()}))
             atomic_write_text(ckpt / "config.yaml", to_yaml(cfg))
             atomic_write_text(ckpt / STATE_FILE, state.to_json())
             write_manifest(ckpt)
@@ -230,6 +230,7 @@ def validate_checkpoint_dir(ckpt: Path) -> Path:
     if not ckpt.is_dir() or not any(ckpt.iterdir()):
         raise ForgeError(f"{ckpt}: checkpoint folder is empty or missing; pick a complete checkpoint "
                          "(one with a COMPLETE file) or use --resume=auto")
+    _refuse_non_checkpoint(ckpt)
     if not is_complete(ckpt):
         raise ForgeError(f"{ckpt}: checkpoint is incomplete (no {COMPLETE} marker: the save was interrupted); "
                          "use --resume=auto to take the newest complete one")
@@ -237,6 +238,24 @@ def validate_checkpoint_dir(ckpt: Path) -> Path:
         raise ForgeError(f"{ckpt}: a universal copy, not a checkpoint; give its source folder "
                          f"{ckpt.name.split('_')[0]}: a resume at another world size converts and uses the copy itself")
     return ckpt
+
+
+def _refuse_non_checkpoint(folder: Path) -> None:
+    """ForgeError saying what `folder` is, when it is no checkpoint at all: a run directory (naming its newest
+    complete checkpoint) or another folder. "Incomplete" is kept for real checkpoints whose save was cut."""
+    if (folder / "checkpoints").is_dir():
+        complete = complete_checkpoints(folder / "checkpoints")
+        raise ForgeError(f"{folder}: a run directory, not a checkpoint folder; " + (
+            f"its newest complete checkpoint is {complete[-1]}" if complete else
+            "it holds no complete checkpoint (see its checkpoints/ folder)"))
+    inside = complete_checkpoints(folder)
+    if inside:
+        raise ForgeError(f"{folder}: a folder of checkpoints, not one; the newest complete one is {inside[-1]}")
+    ours = any((folder / name).exists() for name in (COMPLETE, STATE_FILE, MANIFEST)) or any(
+        folder.glob("*model_states.pt"))  # DeepSpeed's first file of a save, at every ZeRO stage
+    if not ours and not TAG_PATTERN.fullmatch(folder.name.split("_")[0]):
+        raise ForgeError(f"{folder}: not a checkpoint folder (no {STATE_FILE}, {COMPLETE} or DeepSpeed model "
+                         "states); give one of a run's checkpoints/step-… folders")
 
 
 def read_state(ckpt: Path) -> TrainState:

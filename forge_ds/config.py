@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from forge_ds.errors import ForgeError
 
@@ -23,53 +23,58 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 class _Section(BaseModel):
     # extra="forbid": a typo in a key must fail loudly, not train the wrong model for an hour.
     # validate_assignment: CLI overrides go through the same type checks as file values.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN rate or norm would otherwise reach DeepSpeed and train to exit 0 on garbage.
+    # The bounds are declared on the fields (Field(ge=…)): pydantic checks them before any model validator runs,
+    # so Config._check_consistency never sees n_heads=0 (it divides by it).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
-    d_model: int = 512
-    n_heads: int = 8
-    n_layers: int = 4
-    d_ff: int = 2048
-    vocab_size: int = 16384
-    max_seq_len: int = 512
-    dropout: float = 0.1
+    d_model: int = Field(512, ge=1)
+    n_heads: int = Field(8, ge=1)
+    n_layers: int = Field(4, ge=1)
+    d_ff: int = Field(2048, ge=1)
+    vocab_size: int = 16384  # bounds in Config._check_consistency: the right lower one depends on data.tokenizer
+    max_seq_len: int = Field(512, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class TrainingConfig(_Section):
-    learning_rate: float = 3e-4
-    batch_size: int = 16  # per data-parallel rank, as in ModularForge
-    epochs_shared: int = 3
-    max_steps: Optional[int] = None  # when set, overrides epochs_shared; either one defines the LR schedule
-    warmup_steps: int = 200
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    seed: int = 42
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    eval_every: int = 500
-    eval_max_batches: Optional[int] = None  # None: the whole validation split
-    keep_checkpoints: int = 3
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, ge=1)  # per data-parallel rank, as in ModularForge
+    epochs_shared: int = Field(3, ge=1)
+    # when set, overrides epochs_shared; either one defines the LR schedule
+    max_steps: Optional[int] = Field(None, ge=1)
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping (DeepSpeed's gradient_clipping=0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    seed: int = Field(42, ge=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    eval_max_batches: Optional[int] = Field(None, ge=1)  # None: the whole validation split
+    keep_checkpoints: int = Field(3, ge=1)
     export: Literal["final", "best"] = "final"
     recipe: Literal["balanced", "modularforge"] = "balanced"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 0  # worker processes for tokenizing the corpus and for preparing batches ahead of the step
+    # worker processes for tokenizing the corpus and for preparing batches ahead of the step
+    num_workers: int = Field(0, ge=0)
     compile: bool = False
     activation_checkpointing: bool = False
-    max_skipped_steps: int = 20  # fp16 overflow steps in a row before we call it divergence
+    max_skipped_steps: int = Field(20, ge=0)  # fp16 overflow steps in a row before we call it divergence
 
 
 class DataConfig(_Section):
     source: str = "builtin:pydoc"
     text_field: str = "text"
-    val_fraction: float = 0.1
-    split_seed: int = 0
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
     tokenizer: Optional[str] = None
     prepared_dir: Optional[str] = None
-    min_article_length: int = 0
-    max_articles: Optional[int] = None
+    min_article_length: int = Field(0, ge=0)
+    max_articles: Optional[int] = Field(None, ge=1)
 
 
 class Config(_Section):
@@ -79,19 +84,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Config":
-        m, t, d = self.model, self.training, self.data
+        m, d = self.model, self.data
         if m.d_model % m.n_heads:
             raise ValueError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                              "choose n_heads that divides d_model")
-        positive = {"model.d_model": m.d_model, "model.n_heads": m.n_heads, "model.n_layers": m.n_layers,
-                    "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len, "training.batch_size": t.batch_size,
-                    "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
-                    "training.epochs_shared": t.epochs_shared, "training.log_every": t.log_every,
-                    "training.eval_every": t.eval_every, "training.checkpoint_every": t.checkpoint_every,
-                    "training.keep_checkpoints": t.keep_checkpoints}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name}={value} must be at least 1")
         if m.vocab_size <= 4:
             raise ValueError(f"model.vocab_size={m.vocab_size} leaves no room beside the 4 special tokens "
                              "(<pad> <unk> <bos> <eos>); use at least 260 for byte-level BPE")
@@ -100,17 +96,6 @@ class Config(_Section):
                              "(256 byte symbols + 4 special tokens); use at least 260, or give --data.tokenizer")
         if m.vocab_size > 65536:
             raise ValueError(f"model.vocab_size={m.vocab_size} does not fit the uint16 token files (max 65536)")
-        if t.max_steps is not None and t.max_steps < 1:
-            raise ValueError(f"training.max_steps={t.max_steps} must be at least 1")
-        if t.num_workers < 0:
-            raise ValueError(f"training.num_workers={t.num_workers} must be 0 (the training process loads batches "
-                             "itself) or more")
-        if not 0.0 <= m.dropout < 1.0:
-            raise ValueError(f"model.dropout={m.dropout} must be in [0, 1)")
-        if not 0.0 < d.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-        if t.learning_rate <= 0:
-            raise ValueError(f"training.learning_rate={t.learning_rate} must be positive")
         return self
 
 
@@ -190,6 +175,10 @@ def read_config_file(name_or_path: str) -> tuple[dict, list[str], Path]:
     return translated, ignored, path
 
 
+# pydantic's error types for a value of the right type outside its declared bounds.
+_BOUND_ERRORS = {"finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
 def _format_validation_error(err: ValidationError, where: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -198,7 +187,34 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
     if first["type"] == "value_error":
         return f"{where}: {first['msg'].removeprefix('Value error, ')}"
     got = first.get("input")
+    bound = _field_bound(first["loc"]) if first["type"] in _BOUND_ERRORS else None
+    if bound:  # the value as typed (nan, not 'nan'), and the bound read off the field, not pydantic's wording
+        shown = got if isinstance(got, (int, float, str)) else repr(got)
+        return f"{where}: {loc}={shown} is invalid (must be {bound})"
     return f"{where}: {loc}={got!r} is invalid ({first['msg']})"
+
+
+def _field_bound(loc: tuple) -> Optional[str]:
+    """The declared bound of the config field at `loc`, in words: 'a finite number > 0', 'a number in [0, 1)',
+    'an integer >= 1 or None'. None when `loc` is not a field of ours."""
+    model, field = Config, None
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+    types = get_args(field.annotation) or (field.annotation,)
+    lower = next(((op, getattr(m, attr)) for m in field.metadata for op, attr in ((">", "gt"), (">=", "ge"))
+                  if hasattr(m, attr)), None)
+    upper = next(((op, getattr(m, attr)) for m in field.metadata for op, attr in (("<", "lt"), ("<=", "le"))
+                  if hasattr(m, attr)), None)
+    if lower and upper:
+        text = (f"a number in {'[' if lower[0] == '>=' else '('}{lower[1]}, "
+                f"{upper[1]}{']' if upper[0] == '<=' else ')'}")
+    else:
+        kind = "an integer" if int in types else "a finite number"
+        text = f"{kind} {lower[0]} {lower[1]}" if lower else f"{kind} {upper[0]} {upper[1]}" if upper else kind
+    return text + (" or None" if type(None) in types else "")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -188,6 +188,8 @@ def load_export(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ForgeError(f"{path}: no such export file; give the path of a shared_components.pt")
+    if path.stat().st_size == 0:
+        raise ForgeError(f"{path}: the file is empty (0 bytes); truncated, or not a forge_ds export")
     meta_path = path.with_suffix(".json")
     if meta_path.is_file():
         try:
@@ -209,6 +211,25 @@ def load_export(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_init_tokenizer(init_from: Optional[str], tokenizer_sha256: str) -> None:
+    """--init_from: an export's embedding rows belong to the tokenizer it was trained with (its sha256 is in the
+    JSON beside it); this run's token ids would index other rows, silently. Known only after data preparation.
+    An export without its JSON has nothing to compare and is taken as it is (load_export accepts it too)."""
+    if not init_from:
+        return
+    path = Path(init_from).resolve()
+    try:
+        theirs = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return
+    if theirs and theirs != tokenizer_sha256:
+        beside = path.parent / "tokenizer.json"
+        fix = (f"train with its tokenizer (--data.tokenizer={beside}, and another --data.prepared_dir)"
+               if beside.is_file() else "train with the tokenizer it was made with")
+        raise ForgeError(f"--init_from={path}: the export was trained with another tokenizer (sha256 {theirs[:12]}…, "
+                         f"this run's {tokenizer_sha256[:12]}…); {fix}, or start without --init_from")
+
+
 def infer_shape(state: dict) -> tuple[int, int, int, int]:
     """(vocab_size, d_model, max_seq_len, n_layers) read off the tensors."""
     try:
@@ -222,11 +243,14 @@ def infer_shape(state: dict) -> tuple[int, int, int, int]:
 
 def verify(path: Path, n_heads: Optional[int] = None) -> list[str]:
     """Every way a file can break the contract, as a list of problems (empty = good)."""
+    path = Path(path)
     state = load_export(path)
     problems = []
     vocab, d, max_seq_len, n_layers = infer_shape(state)
-    expected = contract_keys(n_layers)
-    if list(state) != expected:
+    keys, expected = list(state), contract_keys(n_layers)
+    if path.suffix == ".safetensors":  # the format stores its keys sorted: their order is not ours to check there
+        keys, expected = sorted(keys), sorted(expected)
+    if keys != expected:
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         problems.append(f"keys differ from the contract (missing {missing[:4]}, unexpected {extra[:4]})"
                         if missing or extra else "keys are in a different order than the contract")

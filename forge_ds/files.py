@@ -62,6 +62,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Written with open(), so the file gets the mode every other file of ours gets (0644 under the usual umask
+    022): safetensors' own save_file (0.8) writes 0600."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
 def save_safetensors_streamed(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """write_safetensors_streamed, atomically."""
     atomic_write(path, lambda tmp: write_safetensors_streamed(state, tmp, metadata))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from forge_ds import checkpoint, data, distributed, ds_config, export, faults, launch_env, resume
+from forge_ds import checkpoint, data, distributed, ds_config, export, faults, launch_env, resume, runlock
 from forge_ds.config import Config
 from forge_ds.errors import ForgeError
 from forge_ds.options import RunOptions
@@ -52,9 +52,14 @@ def preflight(cfg: Config, opts: RunOptions, env: launch_env.Env, world_size: in
                        ("--data.prepared_dir", cfg.data.prepared_dir or "data/prepared")):
         if path is not None:
             check_writable_dir(Path(path).resolve(), flag)
+    if training:  # held until the process ends, taken before anything is written; check only looks
+        distributed.on_main(lambda: runlock.hold(run_dir), share=False)
+    else:
+        runlock.refuse_if_locked(run_dir)
     target, notes = find_resume_target(run_dir, opts, cfg)
     prepared = distributed.on_main(lambda: prepare_data(cfg, show_progress=training))
     meta = data.read_meta(prepared)
+    export.check_init_tokenizer(opts.init_from, meta["tokenizer_sha256"])
     data.check_fits(prepared, cfg.model.max_seq_len)
     train_windows = data.TokenWindows(prepared / "train.bin", cfg.model.max_seq_len)
     val_windows = data.TokenWindows(prepared / "val.bin", cfg.model.max_seq_len)

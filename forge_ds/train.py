@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from forge_ds import (checkpoint, data, distributed, ds_config, export, faults, launch_env, package, preemption,
-                      resume)
+                      resume, runlock)
 from forge_ds.config import Config, modularforge_yaml, to_yaml
 from forge_ds.errors import Interrupted
 from forge_ds.engine import Stepper, build_engine, build_model
@@ -222,7 +222,11 @@ def train(cfg: Config, opts: RunOptions, env: launch_env.Env, notes: list[str]) 
     # Before setup: a SLURM preemption signal that lands while ranks start up is then honoured at the first
     # step (checkpoint + requeue) instead of killing the job with USR1's default action.
     preemption.install_stop_handlers()
-    run = setup(cfg, opts, env, notes)
+    try:
+        run = setup(cfg, opts, env, notes)
+    except BaseException:
+        runlock.release_unused()  # a run refused on bad input leaves no run directory behind
+        raise
     try:
         with preemption.phase("step"):
             reason = fit(run)

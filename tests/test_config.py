@@ -173,6 +173,44 @@ def test_negative_num_workers_is_an_error():
     assert "training.num_workers=-1" in error_of(None, {"training.num_workers": -1})
 
 
+# The table of bounds, each declared on its field: (values refused, values at the bound accepted, words).
+AT_LEAST_ONE = ["model.d_model", "model.n_heads", "model.n_layers", "model.d_ff", "model.max_seq_len",
+                "training.batch_size", "training.gradient_accumulation_steps", "training.epochs_shared",
+                "training.eval_every", "training.log_every", "training.checkpoint_every", "training.keep_checkpoints"]
+BOUNDS = {
+    "training.learning_rate": (["nan", "inf", float("nan"), 0, -1e-4], [1e-12], "a finite number > 0"),
+    "training.weight_decay": (["nan", "-inf", -0.01], [0], "a finite number >= 0"),
+    "training.max_grad_norm": (["nan", "inf", -1.0], [0], "a finite number >= 0"),
+    "model.dropout": ([1.0, -0.1, "nan"], [0, 0.999], "a number in [0, 1)"),
+    "data.val_fraction": ([0, 1, 1.5, "nan"], [0.001, 0.999], "a number in (0, 1)"),
+    **{k: ([-1], [0], "an integer >= 0") for k in (
+        "training.warmup_steps", "training.max_skipped_steps", "data.min_article_length", "training.num_workers",
+        "training.seed", "data.split_seed")},
+    **{k: ([0, -3], [1], "an integer >= 1") for k in AT_LEAST_ONE},
+    **{k: ([0, -1], [1, None], "an integer >= 1 or None") for k in (
+        "data.max_articles", "training.eval_max_batches", "training.max_steps")},
+}
+
+
+@pytest.mark.parametrize("key", list(BOUNDS))
+def test_every_bound_is_one_line_naming_field_value_and_bound(key):
+    bad, good, words = BOUNDS[key]
+    for value in bad:
+        message = error_of(None, {key: value})
+        assert message == f"command line: {key}={value} is invalid (must be {words})", message
+    for value in good:
+        extra = {"model.n_heads": 1} if key == "model.d_model" else {}  # 1 head divides any d_model
+        cfg, _ = resolve(None, {key: value, **extra})
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == value
+
+
+def test_zero_heads_is_a_bound_not_a_division_by_zero(tmp_path):
+    assert "model.n_heads=0 is invalid (must be an integer >= 1)" in error_of(None, {"model.n_heads": 0})
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"n_heads": 0}})
+    assert error_of(path) == f"{path}: model.n_heads=0 is invalid (must be an integer >= 1)"
+
+
 def test_unknown_section_is_an_error(tmp_path):
     message = error_of(write_yaml(tmp_path / "c.yaml", {"optimizer": {"lr": 1}}))
     assert "optimizer" in message

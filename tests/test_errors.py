@@ -28,6 +28,8 @@ from conftest import ERROR, ROOT, TINY, Result, base_env, forge, free_port, user
 from ranks import spawn_ranks
 from warm_cli import WarmCli
 
+from forge_ds.files import sha256_file
+
 STEPS, EVERY = 4, 2
 
 
@@ -39,7 +41,10 @@ def error_line(r: Result) -> str:
 
 
 def snapshot(*dirs: Path) -> dict:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for d in dirs for p in sorted(d.rglob("*"))}
+    # run.lock aside: it names the last process that took the directory, and a refused `train` takes it first
+    # (forge_ds/runlock.py), so that nothing else is written while it checks.
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for d in dirs for p in sorted(d.rglob("*"))
+            if p.name != "run.lock"}
 
 
 def byte_level_tokenizer(path: Path, texts: list[str]) -> None:
@@ -144,6 +149,19 @@ def work(tmp_path_factory, env, cli) -> Work:
             f.truncate((run / "shared_components.pt").stat().st_size // 2)
     shutil.copyfile(run / "shared_components.json", inputs / "truncated" / "shared_components.json")
 
+    (inputs / "empty").mkdir()
+    for ext in ("pt", "safetensors"):
+        (inputs / "empty" / f"shared_components.{ext}").write_bytes(b"")
+    # The run's export as if made with another tokenizer: its JSON names that tokenizer's sha256, which sits beside it.
+    (inputs / "othertok").mkdir()
+    shutil.copyfile(run / "shared_components.pt", inputs / "othertok" / "shared_components.pt")
+    shutil.copyfile(inputs / "other_tokenizer.json", inputs / "othertok" / "tokenizer.json")
+    meta = json.loads((run / "shared_components.json").read_text())
+    meta["tokenizer_sha256"] = sha256_file(inputs / "other_tokenizer.json")
+    (inputs / "othertok" / "shared_components.json").write_text(json.dumps(meta))
+    (inputs / "notckpt").mkdir()
+    (inputs / "notckpt" / "notes.txt").write_text("not a checkpoint")
+
     # A run directory holding an unfinished run: step 2 complete, step 4 interrupted, step 6 an empty folder.
     broken = inputs / "unfinished"
     shutil.copytree(run / "checkpoints", broken / "checkpoints")
@@ -167,6 +185,18 @@ CASES = {
     "unknown_section_on_command_line": (lambda w: ["--trainig.max_steps=3"], ["unknown option --trainig.max_steps"]),
     "wrong_type": (lambda w: ["--model.d_model=abc"], ["model.d_model='abc'", "integer"]),
     "d_model_not_divisible_by_n_heads": (lambda w: ["--model.d_model=30"], ["d_model=30", "n_heads=4"]),
+    "zero_heads": (lambda w: ["--model.n_heads=0"],  # a ZeroDivisionError once: the bound runs before d_model % n_heads
+                   ["command line: model.n_heads=0 is invalid (must be an integer >= 1)"]),
+    "nan_learning_rate": (lambda w: ["--training.learning_rate=nan"],
+                          ["training.learning_rate=nan is invalid (must be a finite number > 0)"]),
+    "nan_weight_decay": (lambda w: ["--training.weight_decay=nan"], ["training.weight_decay=nan", ">= 0"]),
+    "nan_max_grad_norm": (lambda w: ["--training.max_grad_norm=nan"], ["training.max_grad_norm=nan", ">= 0"]),
+    "infinite_max_grad_norm": (lambda w: ["--training.max_grad_norm=1e999"], ["training.max_grad_norm=inf"]),
+    "dropout_of_one": (lambda w: ["--model.dropout=1.0"], ["model.dropout=1.0", "must be a number in [0, 1)"]),
+    "negative_warmup": (lambda w: ["--training.warmup_steps=-1"], ["training.warmup_steps=-1", "integer >= 0"]),
+    "zero_eval_max_batches": (lambda w: ["--training.eval_max_batches=0"],
+                              ["training.eval_max_batches=0", "integer >= 1 or None"]),
+    "val_fraction_of_one": (lambda w: ["--data.val_fraction=1"], ["data.val_fraction=1", "(0, 1)"]),
     "vocab_size_leaves_no_room_for_specials": (lambda w: ["--model.vocab_size=4"], ["vocab_size=4", "special"]),
     "vocab_size_below_the_byte_alphabet": (lambda w: ["--model.vocab_size=100"], ["vocab_size=100", "260"]),
     "vocab_size_smaller_than_the_tokenizer": (
@@ -213,6 +243,14 @@ CASES = {
     "init_from_truncated_export_without_its_json": (
         lambda w: [f"--init_from={w.inputs / 'truncated_alone' / 'shared_components.pt'}"],
         ["truncated_alone/shared_components.pt", "cannot load", "truncated"]),
+    "init_from_empty_file": (lambda w: [f"--init_from={w.inputs / 'empty' / 'shared_components.pt'}"],
+                             ["empty/shared_components.pt: the file is empty (0 bytes)"]),
+    "init_from_export_of_another_tokenizer": (
+        lambda w: [f"--init_from={w.inputs / 'othertok' / 'shared_components.pt'}"],
+        lambda w: ["othertok/shared_components.pt: the export was trained with another tokenizer",
+                   f"sha256 {sha256_file(w.inputs / 'other_tokenizer.json')[:12]}…",
+                   f"this run's {sha256_file(w.run / 'tokenizer.json')[:12]}…",
+                   f"--data.tokenizer={w.inputs / 'othertok' / 'tokenizer.json'}"]),
     "init_from_with_resume": (lambda w: [f"--init_from={w.export}", "--resume"], ["cannot be combined"]),
     "resume_from_an_incomplete_checkpoint": (
         lambda w: [f"--output_dir={w.inputs / 'unfinished'}", "--resume=step-00000004"],
@@ -223,6 +261,9 @@ CASES = {
     "resume_from_a_missing_checkpoint": (
         lambda w: [f"--output_dir={w.inputs / 'unfinished'}", "--resume=step-00000099"],
         ["step-00000099", "no checkpoint folder", "step-00000002"]),
+    "resume_from_a_folder_that_is_not_a_checkpoint": (
+        lambda w: [f"--output_dir={w.inputs / 'unfinished'}", f"--resume={w.inputs / 'notckpt'}"],
+        ["notckpt: not a checkpoint folder", "checkpoints/step-"]),
     "output_dir_holding_an_unfinished_run": (lambda w: [f"--output_dir={w.inputs / 'unfinished'}"],
                                              ["unfinished", "unfinished run", "--resume"]),
     "output_dir_holding_a_finished_run": (lambda w: [f"--output_dir={w.run}"],
@@ -324,6 +365,39 @@ def test_bf16_at_zero0_on_cpu_trains_resumes_and_exports_a_valid_file(work, cli)
     assert "ZeRO-0, bf16, cpu" in work.result.stdout
     verified = cli.run(["verify", str(work.export)], cwd=work.cwd)
     assert verified.returncode == 0 and verified.stdout.startswith("OK"), verified.output[-2000:]
+
+
+def test_verify_passes_both_formats_we_write_and_fails_an_empty_file_in_one_line(work, cli):
+    for ext in ("pt", "safetensors"):  # safetensors stores keys sorted: only the .pt keeps the contract's order
+        ours = cli.run(["verify", str(work.run / f"shared_components.{ext}")], cwd=work.cwd)
+        assert ours.returncode == 0 and ours.stdout.startswith("OK"), ours.output[-2000:]
+        empty = work.inputs / "empty" / f"shared_components.{ext}"
+        failed = cli.run(["verify", str(empty)], cwd=work.cwd)
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.output[-2000:]
+        assert failed.stdout == f"FAIL {empty}: the file is empty (0 bytes); truncated, or not a forge_ds export\n"
+
+
+def test_export_and_convert_say_what_a_folder_is_when_it_is_not_a_checkpoint(work, cli):
+    newest = work.run / "checkpoints" / f"step-{STEPS:08d}"
+    line = error_line(cli.run(["convert-universal", str(work.run)], cwd=work.cwd))
+    assert line == (f"{ERROR} {work.run}: a run directory, not a checkpoint folder; "
+                    f"its newest complete checkpoint is {newest}")
+    for command in ("export", "convert-universal"):
+        line = error_line(cli.run([command, str(work.inputs / "notckpt")], cwd=work.cwd))
+        assert "notckpt: not a checkpoint folder" in line and "--resume" not in line and "incomplete" not in line
+
+
+def test_checkpoint_and_export_files_share_one_mode(work):
+    """frozen_params.safetensors was 0600 (safetensors' save_file), every other file 0644."""
+    files = [p for p in (work.run / "checkpoints").rglob("*") if p.is_file()] + list(work.run.glob("shared_*"))
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert "frozen_params.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~current_umask())}, modes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_non_utf8_bytes_are_replaced_with_a_warning_counted_in_meta(work, cli):
