@@ -205,7 +205,8 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
         try:
             setattr(cfg.data, key, value)
         except ValueError as e:  # pydantic: unknown field or wrong type
-            raise ForgeError(f"--data.{key}={value!r} is invalid ({str(e).splitlines()[-1].strip()[:120]}); "
+            reason = e.errors()[0]["msg"] if hasattr(e, "errors") else describe(e)
+            raise ForgeError(f"--data.{key}={value!r} is invalid ({reason}); "
                              "see `forge-ds train --help` for the data fields") from None
     own_data = not data_overrides
     split = split or ("val" if cfg.data.source == run_source else "all")
