@@ -76,7 +76,7 @@ def command_help(command: Optional[str], commands: dict[str, Callable],
     if command not in typed:
         rows = _signature_rows(fn)
         positional = " ".join(r[0] for r in rows if r[2] == "required")
-        text = f"usage: forge-ds {command} {positional} [flags]\n\n{doc}\n"
+        text = " ".join(filter(None, ["usage: forge-ds", command, positional, "[flags]"])) + f"\n\n{doc}\n"
         extra = [r for r in rows if r[2] != "required"]
         return text + ("\nflags:\n" + _table(extra) if extra else "")
     options_type, with_config = typed[command]

@@ -277,3 +277,33 @@ def test_modularforge_yaml_output_reads_back_with_the_same_model(tmp_path, sourc
     assert yaml.safe_load(path.read_text())["data"]["tokenizer_vocab_size"] == cfg.model.vocab_size
     if source.startswith("hf:"):
         assert back.data.source == source
+
+
+def test_train_help_spells_out_allowed_values_not_python_types():
+    from forge_ds import cli, usage
+
+    text = usage.command_help("train", cli.COMMANDS, cli.TYPED_FLAGS)
+    assert "Literal" not in text and "Optional" not in text and "typing" not in text
+    line = next(l for l in text.splitlines() if l.strip().startswith("--training.precision "))
+    assert "auto|fp32|bf16|fp16" in line
+    assert "int ≥ 1, or unset" in next(l for l in text.splitlines() if l.strip().startswith("--stop_after_steps "))
+    columns = {l.index("default ") for l in text.splitlines() if l.startswith("  --training.")}
+    assert len(columns) == 1  # aligned
+
+
+@pytest.mark.parametrize("command", ["check", "export", "verify", "evaluate", "sample", "convert-universal",
+                                     "slurm-template"])
+def test_each_command_help_describes_that_command(command):
+    from forge_ds import cli, usage
+
+    text = usage.command_help(command, cli.COMMANDS, cli.TYPED_FLAGS)
+    assert text.startswith(f"usage: forge-ds {command} ")
+    assert (cli.COMMANDS[command].__doc__ or "").split()[0] in text
+
+
+def test_prepare_help_is_prepares_own_and_goes_to_stdout():
+    p = subprocess.run([sys.executable, "-m", "forge_ds.cli", "prepare", "--help"], cwd=ROOT, env=base_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.startswith("usage: forge-ds prepare ") and "forge-ds train" not in p.stdout.splitlines()[0]
+    assert "--data.source" in p.stdout
