@@ -134,6 +134,22 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
           f"{world}, {sampler.steps_per_epoch} steps/epoch of global batch {sampler.global_batch}")
 
 
+def plan(config: Optional[str] = None, nodes: int = 1, gpus_per_node: int = 8, gpu: Optional[str] = None,
+         peak_tflops: Optional[float] = None, memory_gb: Optional[float] = None,
+         intra_node_gbps: Optional[float] = None, inter_node_gbps: Optional[float] = None,
+         mfu: Optional[float] = None, tokens: Optional[int] = None, global_batch: Optional[int] = None,
+         **overrides) -> None:
+    """Memory, communication and time per step for each ZeRO stage on N nodes x G GPUs, and the configuration it
+    recommends (docs/SCALING.md). Takes train's config flags; nothing is prepared or launched."""
+    from forge_ds import plan as plan_mod
+    from forge_ds.plan_report import render
+
+    cfg, _ = _config(config, overrides)
+    hw = plan_mod.hardware(gpu, peak_tflops, memory_gb, mfu, intra_node_gbps, inter_node_gbps)
+    result = plan_mod.make_plan(cfg, nodes, gpus_per_node, hw, tokens, global_batch)
+    print(render(result, cfg, hw, nodes, gpus_per_node))
+
+
 def export(checkpoint_dir: str, out: Optional[str] = None, overwrite: bool = False) -> None:
     """Write the shared-only export from a checkpoint folder (or a run folder: its newest complete checkpoint),
     offline, in one process, at any ZeRO stage and world size."""
@@ -252,7 +268,7 @@ def convert_universal(checkpoint_dir: str, workers: int = 1) -> None:
     print(f"converted {ckpt.name} -> {out}")
 
 
-COMMANDS = {"train": train, "prepare": prepare, "check": check, "export": export, "verify": verify, "bench": bench,
+COMMANDS = {"train": train, "prepare": prepare, "check": check, "plan": plan, "export": export, "verify": verify, "bench": bench,
             "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal}
 
 

@@ -1,0 +1,68 @@
+"""The text `forge-ds plan` prints: one row per stage (memory, communication, time), run totals, the
+recommendation and the scaling line. Figures only; plan.py computes them."""
+
+from __future__ import annotations
+
+from forge_ds import memory_model as mm
+from forge_ds.plan import Plan, stops_helping
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def render(plan: Plan, cfg, hw, nodes: int, gpus_per_node: int) -> str:
+    m, t = cfg.model, cfg.training
+    lines = [
+        f"forge-ds plan: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}, "
+        f"T {m.max_seq_len}; Ψ = {mm.Shape.of(cfg).trainable:,} trainable parameters",
+        f"  hardware   {nodes} node(s) x {gpus_per_node} {hw.name} = {plan.world} ranks; {hw.peak_flops / 1e12:,.0f} "
+        f"TFLOP/s peak at MFU {hw.mfu:.2f}, {hw.memory_bytes / 2**30:.0f} GiB, links {hw.intra_bytes_per_s * 8 / 1e9:,.0f}"
+        f" / {hw.inter_bytes_per_s * 8 / 1e9:,.0f} Gbit/s intra / inter node",
+        f"  batch      global {plan.global_batch} sequences held; activation checkpointing "
+        f"{'on' if t.activation_checkpointing else 'off'}",
+        "",
+        f"  {'stage':<14}{'params':>8}{'grads':>8}{'optim':>8}{'buffers':>8}{'activ.':>8}{'total':>8}{'headroom':>9}"
+        f"  {'comm MB':>9}{'wire MB':>9}{'comm':>8}{'exposed':>8}{'compute':>8}{'host':>8}{'step':>8}{'tok/s':>12}"
+        f"  binds  (GiB per rank; s per optimizer step)",
+    ]
+    tokens_per_step = plan.global_batch * m.max_seq_len
+    for r in plan.rows:
+        mem = r.memory
+        handed = sum(sum(sizes) for sizes in r.comms.values())
+        lines.append(
+            f"  {r.stage:<14}" + "".join(f"{mm.gib(mem[k]):>8.2f}" for k in ("params", "grads", "optimizer",
+                                                                              "buffers", "activations", "total"))
+            + f"{mm.gib(mem['headroom']):>9.2f}  {_mb(handed):>9}{_mb(r.wire_bytes):>9}{r.comm_s:>8.3f}"
+            f"{r.exposed_comm_s:>8.3f}{r.compute_s:>8.3f}{r.host_s:>8.3f}{r.step_s:>8.3f}"
+            f"{tokens_per_step / r.step_s:>12,.0f}  {r.binds}" + (f"  ({'; '.join(r.notes)})" if r.notes else ""))
+    best = plan.best
+    lines += [
+        "",
+        f"  run        {plan.tokens:,} training tokens ({plan.tokens_source}); {plan.steps_per_epoch:,} steps/epoch; "
+        f"{plan.total_steps:,} steps to max_steps: {_duration(best.step_s * plan.total_steps)} at {best.stage}",
+        f"  files      checkpoint {mm.gib(plan.checkpoint_bytes['chosen']):.2f} GiB per save (all ranks' files, "
+        f"{best.stage}); shared export {_mb(plan.export_bytes['pt'])} MB .pt + {_mb(plan.export_bytes['safetensors'])}"
+        " MB .safetensors",
+        f"  recommend  --deepspeed_config={best.stage} --training.batch_size={plan.micro_batch} "
+        f"--training.gradient_accumulation_steps={plan.grad_accum} (global batch {plan.global_batch})",
+        f"  why        {plan.reason}",
+    ]
+    if plan.scaling:
+        knee = stops_helping(plan.scaling)
+        sweep = ", ".join(f"{n}: {_duration(s)} ({b})" for n, s, b in plan.scaling)
+        lines.append(f"  scaling    time to max_steps by node count, global batch held: {sweep}")
+        lines.append(f"  stops      past {knee} node(s) a doubling saves less than 10%"
+                     + (" (a rank needs at least one sequence of the global batch)"
+                        if knee == plan.scaling[-1][0] else ""))
+    return "\n".join(lines)
