@@ -19,7 +19,8 @@ from forge_ds.errors import USER_ERROR_PREFIX, ForgeError, TrainingDiverged
 
 RUN_OPTIONS_HELP = """run options (not part of the saved config):
   --config=PATH|PRESET        a YAML/JSON config, a preset (modularforge, cpu_demo) or ModularForge's configs/default.yaml
-  --deepspeed_config=NAME     ds_configs/ name (zero0 zero1 zero2 zero3 zero3_offload) or a JSON path; default zero2
+  --deepspeed_config=NAME     ds_configs/ name (zero0 zero1 zero2 zero3 zero3_offload), a JSON path, or auto (the
+                              planner picks the stage, see `forge-ds plan`); default zero2
   --output_dir=DIR            run directory; default runs/<YYYYmmdd-HHMMSS> (runs/slurm-<job id> under SLURM)
   --resume[=auto|PATH|TAG]    continue from the newest complete checkpoint (auto) or a chosen one
   --overwrite                 replace a finished run in --output_dir
@@ -113,6 +114,11 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     opts = RunOptions(config=config, deepspeed_config=str(deepspeed_config), output_dir=output_dir,
                       resume=_resume_target(resume),
                       overwrite=bool(overwrite), init_from=init_from)
+    from forge_ds.plan import settle_auto
+
+    auto_notes: list[str] = []
+    settle_auto(cfg, opts, world, auto_notes, env)
+    print("\n".join(auto_notes)) if auto_notes else None
     device, precision, ds, _ = preflight(cfg, opts, world)
     t = cfg.training
     run_dir = resolve_run_dir(opts, env)

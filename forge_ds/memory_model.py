@@ -142,7 +142,8 @@ def checkpoint_bytes(shape: Shape, stage: int, world: int, precision: str) -> fl
     holds the fp32 master (when separate) and Adam's m and v, partitioned across the ranks' files at ZeRO-1/2/3."""
     psi, p = shape.trainable, STATE_BYTES[precision]
     tensors = shape.tensors()
-    module = (psi + shape.frozen) * p + shape.seq_len * shape.d_model * 4
+    # ZeRO-3's module files hold placeholders only; its weights live in the optimizer files' fp32 partitions.
+    module = 0 if stage == 3 else (psi + shape.frozen) * p + shape.seq_len * shape.d_model * 4
     master = 0 if precision == "fp32" and stage == 0 else 4
     optim = psi * (8 + master)
     n_files = 1 if stage == 0 else (2 * world if stage == 3 else 1 + world)
