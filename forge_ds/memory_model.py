@@ -79,7 +79,7 @@ def model_states(shape: Shape, stage: int, world: int, precision: str, offload: 
     part = {0: (1, 1, 1), 1: (1, n, n), 2: (1, n, n), 3: (n, n, n)}[stage]  # divisors: params, grads, optimizer
     params = (psi + shape.frozen) * p / part[0]
     if stage == 3:
-        params += sum(k for k, _ in shape.tensors() if k <= persistence_threshold) * p
+        params += sum(k for k, _ in shape.tensors() if k <= persistence_threshold) * p * (world > 1)
     grads = psi * p / part[1]
     optim = psi * (8 + master) / part[2]
     if offload:

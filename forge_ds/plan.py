@@ -90,10 +90,8 @@ def _buckets(total: int, bucket: int) -> list[int]:
 
 def collectives(shape: mm.Shape, stage: int, world: int, precision: str, grad_accum: int, zero: dict) -> dict:
     """Message bytes each rank hands to each DeepSpeed collective in one optimizer step (DeepSpeed 0.19.8 as
-    recorded by its comms logger on gloo: all-reduce and reduce-scatter log the full input, all-gather this rank's
+    recorded by its comms logger on gloo, alone too: all-reduce and reduce-scatter log the full input, all-gather this rank's
     partition). Checked in tests/test_plan.py and benchmarks/plan_check.py."""
-    if world == 1:
-        return {}
     p, psi = mm.STATE_BYTES[precision], shape.trainable
     reduce_bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
     if stage == 0:  # the engine all-reduces the whole gradient at the boundary, in 5e8-element buffers
@@ -101,16 +99,16 @@ def collectives(shape: mm.Shape, stage: int, world: int, precision: str, grad_ac
     if stage in (1, 2):
         micro = grad_accum if stage == 2 else 1  # ZeRO-2 reduces every micro-batch, ZeRO-1 at the boundary
         decay, no_decay = _groups(shape)
-        gathers = [mm.ceil_div(n, world) * p for n in (decay, no_decay) if n]
-        return {"all_reduce": [n * p for n in _buckets(psi, reduce_bucket)] * micro + [4, 4],
-                "all_gather_into_tensor": gathers}
+        gathers = [mm.ceil_div(n, world) * p for n in (decay, no_decay) if n and world > 1]
+        out = {"all_reduce": [n * p for n in _buckets(psi, reduce_bucket)] * micro + [4, 4]}
+        return {**out, "all_gather_into_tensor": gathers} if gathers else out
     # ZeRO-3: each parameter gathered once per micro-batch (kept for backward while the live parameters stay
     # under stage3_max_live_parameters), gradients reduce-scattered in reduce_bucket_size pieces.
     live = int(float(zero.get("stage3_max_live_parameters", 1e9)))
     passes = 1 if psi + shape.frozen <= live else 2
-    gathers = [mm.ceil_div(n, world) * p for n, _ in shape.tensors()] * passes
-    return {"all_gather_into_tensor": gathers * grad_accum,
-            "reduce_scatter_tensor": [n * p for n in _buckets(psi, reduce_bucket)] * grad_accum, "all_reduce": [8, 8]}
+    gathers = [mm.ceil_div(n, world) * p for n, _ in shape.tensors()] * passes * (world > 1)  # alone: none
+    out = {"reduce_scatter_tensor": [n * p for n in _buckets(psi, reduce_bucket)] * grad_accum, "all_reduce": [8, 8]}
+    return {**out, "all_gather_into_tensor": gathers * grad_accum} if gathers else out
 
 
 def _groups(shape: mm.Shape) -> tuple[int, int]:
