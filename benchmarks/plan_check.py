@@ -176,7 +176,7 @@ def measure(shape: str, ranks: int, stages: list[str], workdir: Path, precision:
     return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(ranks)]
 
 
-def predicted(shape: str, precision: str, stage: str, world: int) -> dict:
+def predicted(shape: str, precision: str, stage: str, world: int, rank: int) -> dict:
     """What the planner says for one measured run (CPU activations formula, this config's own ds JSON)."""
     from forge_ds import ds_config, memory_model as mm, plan
     from forge_ds.config import resolve
@@ -185,7 +185,8 @@ def predicted(shape: str, precision: str, stage: str, world: int) -> dict:
     s, n = mm.Shape.of(cfg), int(stage[-1])
     zero = dict(ds_config.load_ds_config(stage).get("zero_optimization") or {})
     states = mm.model_states(s, n, world, precision,
-                             persistence_threshold=int(float(zero.get("stage3_param_persistence_threshold", 1e5))))
+                             persistence_threshold=int(float(zero.get("stage3_param_persistence_threshold", 1e5))),
+                             ranks=[rank])
     return {"model_state_bytes": states["params"] + states["grads"] + states["optimizer"],
             "comms": plan.collectives(s, n, world, precision, 1, zero),
             "checkpoint_bytes": mm.checkpoint_bytes(s, n, world, precision), "export_bytes": mm.export_bytes(s),
@@ -203,7 +204,7 @@ def expand(comms: dict) -> dict:
 def compare(results: list[dict], shape: str, precision: str) -> list[dict]:
     rows = []
     for r in results:
-        p = predicted(shape, precision, r["stage"], r["world_size"])
+        p = predicted(shape, precision, r["stage"], r["world_size"], r["rank"])
         rows.append({
             "stage": r["stage"], "ranks": r["world_size"],
             "model_state": (r["model_state_bytes"]["total"], p["model_state_bytes"]),

@@ -64,23 +64,59 @@ class Shape:
         return self.vocab * d + self.seq_len * d + L * (6 * d + 4 * d * d) + 2 * d
 
 
+def optimizer_groups(shape: Shape) -> tuple[list[int], list[int]]:
+    """Element counts of the "balanced" recipe's two AdamW groups in DeepSpeed's flat order (model.optimizer_groups:
+    named_parameters order, tied matrix once, frozen ffn_norm out): decayed 2-D matrices; then the embedding, norms
+    and biases."""
+    d, f, L = shape.d_model, shape.d_ff, shape.n_layers
+    decay = [n for _ in range(L) for n in (3 * d * d, d * d)] + [n for _ in range(L) for n in (d * f, f * d)]
+    rest = [shape.vocab * d] + [d] * (2 * L) + [d, d] + [n for _ in range(L) for n in (d, d, f, d)]
+    return decay, rest
+
+
+def group_partition(numel: int, world: int) -> int:
+    """Elements of one rank's partition of a flat group: DeepSpeed pads the group to a multiple of 2·N."""
+    return ceil_div(numel, 2 * world) * 2
+
+
+def straddle_grad_elements(shape: Shape, world: int, rank: int) -> int:
+    """ZeRO-1/2 at N > 1: a parameter that crosses this rank's partition boundary keeps its whole gradient alive
+    (the partition's narrow view holds the full storage). Measured on both ranks of a 2-rank run: rank 0 holds the
+    embedding's other half, rank 1 likewise (benchmarks/plan_check.py)."""
+    extra = 0
+    for group in optimizer_groups(shape):
+        size = group_partition(sum(group), world)
+        lo, hi, start = rank * size, (rank + 1) * size, 0
+        for n in group:
+            end = start + n
+            overlap = max(0, min(end, hi) - max(start, lo))
+            if 0 < overlap < n:
+                extra += n - overlap
+            start = end
+    return extra
+
+
 def model_states(shape: Shape, stage: int, world: int, precision: str, offload: bool = False,
-                 persistence_threshold: int = 100_000) -> dict:
+                 persistence_threshold: int = 100_000, ranks=None) -> dict:
     """Bytes per rank of parameters, gradients and optimizer state (Adam), by DeepSpeed 0.19.8's layout.
 
     Mixed precision: 16Ψ = 2 param + 2 grad + 12 fp32 master/m/v (ZeRO paper). fp32: params and grads take 4
     bytes; only ZeRO-0 steps the params themselves, every ZeRO stage keeps a separate fp32 master partition.
     ZeRO-1 in DeepSpeed 0.19.8 partitions the gradients as ZeRO-2 does (measured: equal bytes and equal
     collectives at 2 ranks). ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole on every rank,
-    beside its partition. With offload (zero3_offload) the optimizer state and the partitions live in host memory.
+    beside its partition. ZeRO-1/2 also keep the whole gradient of a parameter that crosses a partition boundary
+    (`straddle_grad_elements`); `ranks` picks whose figure (default: the fullest). With offload (zero3_offload) the optimizer state and the partitions live in host memory.
     """
     psi, n, p = shape.trainable, world, STATE_BYTES[precision]
+    ranks = range(min(world, 64)) if ranks is None else ranks  # the fullest rank; boundaries repeat beyond 64
     master = 0 if precision == "fp32" and stage == 0 else 4
     part = {0: (1, 1, 1), 1: (1, n, n), 2: (1, n, n), 3: (n, n, n)}[stage]  # divisors: params, grads, optimizer
     params = (psi + shape.frozen) * p / part[0]
     if stage == 3:
         params += sum(k for k, _ in shape.tensors() if k <= persistence_threshold) * p * (world > 1)
     grads = psi * p / part[1]
+    if stage in (1, 2) and world > 1:
+        grads += max(straddle_grad_elements(shape, world, r) for r in ranks) * p
     optim = psi * (8 + master) / part[2]
     if offload:
         return {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "host": params + grads + optim}

@@ -98,8 +98,7 @@ def collectives(shape: mm.Shape, stage: int, world: int, precision: str, grad_ac
         return {"all_reduce": [n * p for n in _buckets(psi, 500_000_000)] + [4]}
     if stage in (1, 2):
         micro = grad_accum if stage == 2 else 1  # ZeRO-2 reduces every micro-batch, ZeRO-1 at the boundary
-        decay, no_decay = _groups(shape)
-        gathers = [mm.ceil_div(n, world) * p for n in (decay, no_decay) if n and world > 1]
+        gathers = [mm.group_partition(sum(g), world) * p for g in mm.optimizer_groups(shape) if g and world > 1]
         out = {"all_reduce": [n * p for n in _buckets(psi, reduce_bucket)] * micro + [4, 4]}
         return {**out, "all_gather_into_tensor": gathers} if gathers else out
     # ZeRO-3: each parameter gathered once per micro-batch (kept for backward while the live parameters stay
@@ -109,14 +108,6 @@ def collectives(shape: mm.Shape, stage: int, world: int, precision: str, grad_ac
     gathers = [mm.ceil_div(n, world) * p for n, _ in shape.tensors()] * passes * (world > 1)  # alone: none
     out = {"reduce_scatter_tensor": [n * p for n in _buckets(psi, reduce_bucket)] * grad_accum, "all_reduce": [8, 8]}
     return {**out, "all_gather_into_tensor": gathers * grad_accum} if gathers else out
-
-
-def _groups(shape: mm.Shape) -> tuple[int, int]:
-    """Trainable elements in the "balanced" recipe's two AdamW groups (model.optimizer_groups): 2-D matrices but
-    the embedding decay; the embedding, norms and biases do not."""
-    d, f, L = shape.d_model, shape.d_ff, shape.n_layers
-    decay = L * (4 * d * d + 2 * d * f)
-    return decay, shape.trainable - decay
 
 
 def wire_bytes(comms: dict, world: int) -> float:
