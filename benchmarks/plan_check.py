@@ -230,6 +230,25 @@ def print_rows(rows: list[dict]) -> None:
               f"{r['step_time_s']:.3f}")
 
 
+def step_time_check(calib_s: float, predict_s: float, precision: str = "fp32") -> dict:
+    """Calibrate the planner's CPU MFU on the "calib" shape's measured ZeRO-0 step, then predict "predict"'s."""
+    from forge_ds import ds_config, memory_model as mm, plan
+    from forge_ds.config import resolve
+
+    ds = ds_config.load_ds_config("zero0")
+
+    def row(shape: str, mfu: float):
+        cfg = resolve(None, overrides(shape, precision, "unused", 2))[0]
+        hw = plan.hardware("cpu", None, None, mfu, None, None)
+        return plan.plan_row("zero0", mm.Shape.of(cfg), 1, 1, precision, 1, False, hw, ds)
+
+    at_peak = row("calib", 1.0)
+    mfu = at_peak.compute_s / (calib_s - at_peak.host_s - at_peak.exposed_comm_s)
+    predicted = row("predict", mfu).step_s
+    return {"calibrated_mfu": mfu, "calib_measured_s": calib_s, "predict_measured_s": predict_s,
+            "predict_predicted_s": predicted, "measured_over_predicted": predict_s / predicted}
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -240,6 +259,8 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--step_time", action="store_true",
+                   help="instead: calibrate the step time on the calib shape, predict the predict shape (1 rank)")
     p.add_argument("--prepared_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_rank_child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -251,6 +272,14 @@ def main(argv=None):
         return rank_main(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="forge-plan-check-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.step_time:
+        times = {shape: measure(shape, 1, ["zero0"], workdir, args.precision, args.steps, args.threads)[0][0]
+                 ["step_time_median_s"] for shape in ("calib", "predict")}
+        report = step_time_check(times["calib"], times["predict"], args.precision)
+        print(json.dumps(report, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return report
     rows = []
     for ranks in args.ranks:
         measured = measure(args.shape, ranks, args.stages, workdir, args.precision, args.steps, args.threads)

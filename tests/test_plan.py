@@ -75,3 +75,23 @@ def test_check_with_auto_shows_the_choice_and_its_reason(tmp_path, repetitive_co
     chosen = line.split()[1].rstrip(":")
     assert "fastest stage that fits" in line and "planner's micro-batch" in line
     assert f"ZeRO-{chosen[4]}" in result.stdout  # the check ran with the stage it printed
+
+
+@pytest.mark.multirank
+def test_train_auto_is_decided_once_and_resume_keeps_the_saved_stage(tmp_path, repetitive_corpus, prepared_root):
+    data = [f"--data.source={repetitive_corpus}", f"--data.prepared_dir={prepared_root / 'auto'}",
+            "--training.max_steps=4", "--stop_after_steps=1"]
+    fresh = forge(["train", *TINY, *data, "--deepspeed_config=auto", f"--output_dir={tmp_path / 'fresh'}"], ranks=2)
+    assert fresh.returncode == 0, fresh.output[-3000:]
+    line = next(line for line in fresh.stdout.splitlines() if line.startswith("deepspeed_config=auto: "))
+    chosen = line.split()[1].rstrip(":")
+    assert "fastest stage that fits" in line and f"  engine      ZeRO-{chosen[4]}," in fresh.stdout
+    # A run saved at another stage than auto picks today keeps its own on resume.
+    other = "zero3" if chosen != "zero3" else "zero2"
+    run = tmp_path / "saved"
+    first = forge(["train", *TINY, *data, f"--deepspeed_config={other}", f"--output_dir={run}"], ranks=2)
+    assert first.returncode == 0, first.output[-3000:]
+    resumed = forge(["train", *TINY, *data, "--deepspeed_config=auto", "--resume", f"--output_dir={run}"], ranks=2)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"deepspeed_config=auto: {other}, the stage this run was saved with" in resumed.stdout
+    assert f"  engine      ZeRO-{other[4]}," in resumed.stdout and "from step 1 (resumed" in resumed.stdout
