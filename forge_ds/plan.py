@@ -60,6 +60,8 @@ class Row:
     step_s: float
     binds: str
     fits: bool
+    micro_batch: int = 0
+    grad_accum: int = 0
     notes: list = field(default_factory=list)
 
 
@@ -173,7 +175,7 @@ def plan_row(name: str, shape: mm.Shape, world: int, gpus_per_node: int, precisi
         binds = "host" if host_s > device_s else ("network" if exposed > compute_s else "compute")
     fits = total <= hw.memory_bytes * (1 - FIT_MARGIN)
     return Row(name, memory, comms, wire_bytes(comms, world), comm_s, exposed, compute_s, host_s, step_s,
-               binds if fits else "memory", fits, notes)
+               binds if fits else "memory", fits, shape.micro_batch, grad_accum, notes)
 
 
 def corpus_tokens(cfg, tokens: Optional[int]) -> tuple[int, str]:
@@ -192,11 +194,14 @@ def corpus_tokens(cfg, tokens: Optional[int]) -> tuple[int, str]:
     if (prepared / "meta.json").is_file():
         return int(data.read_meta(prepared)["train_tokens"]), f"meta.json of {prepared}"
     path = Path(ident.get("path") or "")
+    size = None
     if ident["kind"] == "pydoc":
-        return int(data.PYDOC_CORPUS.stat().st_size * 3 // 4), "assumed: ~bytes of the gzipped pydoc corpus x 3 / 4"
-    if ident.get("path") and path.exists():
+        size = sum(len(text.encode()) for text in data.pydoc_topics().values())
+    elif ident.get("path") and path.exists():
         size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-        return int(size * (1 - d.val_fraction) // 4), f"assumed: {size:,} bytes ÷ 4 (not prepared yet)"
+    if size is not None:
+        train_bytes = int(size * (1 - d.val_fraction))
+        return train_bytes // 4, f"assumed: {train_bytes:,} training bytes ÷ 4, not prepared yet"
     raise ForgeError(f"forge-ds plan: {d.source} is not prepared and has no local bytes to count; give --tokens=N "
                      "(training tokens) or run `forge-ds prepare` first")
 
@@ -248,6 +253,9 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, hw: Hardware, tokens: Optiona
     for flag, value in (("--nodes", nodes), ("--gpus_per_node", gpus_per_node)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ForgeError(f"forge-ds plan: {flag}={value!r} must be a whole number of at least 1")
+    for flag, value in (("--global_batch", global_batch), ("--tokens", tokens)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ForgeError(f"forge-ds plan: {flag}={value!r} must be a whole number of at least 1")
     t, world = cfg.training, nodes * gpus_per_node
     gb = int(global_batch or t.batch_size * t.gradient_accumulation_steps * world)
     if gb % world:
@@ -262,23 +270,20 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, hw: Hardware, tokens: Optiona
         ds = ds_config.load_ds_config(name)
         split = _split(gb, world, cfg, hw, name, gpus_per_node, ds)
         micro, accum = split or (1, gb // world)
-        row = plan_row(name, _shape(cfg, micro), world, gpus_per_node, precision, accum,
-                       t.activation_checkpointing, hw, ds)
-        row.notes.append(f"micro-batch {micro} x {accum} accumulation")
-        rows.append(row)
+        rows.append(plan_row(name, _shape(cfg, micro), world, gpus_per_node, precision, accum,
+                             t.activation_checkpointing, hw, ds))
     fitting = [r for r in rows if r.fits]
     best = min(fitting, key=lambda r: r.step_s) if fitting else None
     shape = mm.Shape.of(cfg)
     if best is None:
         _raise_fits_nowhere(rows, hw, world)
-    micro, accum = (int(x) for x in best.notes[-1].split()[1::2][:2])
     scaling = _sweep(cfg, gpus_per_node, hw, gb, total_steps, best.stage) if sweep else []
     reason = (f"{best.stage} is the fastest stage that fits with {FIT_MARGIN:.0%} to spare "
               f"({mm.gib(best.memory['total']):.1f} of {hw.memory_bytes / 2**30:.1f} GiB); its step is bound by "
               f"{best.binds}")
     stage_n = 3 if best.stage == "zero3_offload" else int(best.stage[-1])
     ckpt = {s: mm.checkpoint_bytes(shape, int(s[-1]), world, precision) for s in STAGES[:4]}
-    return Plan(rows, world, gb, micro, accum, steps_per_epoch, total_steps, n_tokens, source,
+    return Plan(rows, world, gb, best.micro_batch, best.grad_accum, steps_per_epoch, total_steps, n_tokens, source,
                 {"chosen": mm.checkpoint_bytes(shape, stage_n, world, precision), **ckpt}, mm.export_bytes(shape),
                 best, reason, scaling)
 
@@ -324,7 +329,10 @@ def choose_stage(cfg, world_size: int, device: str, gpu_name: Optional[str] = No
     hw = hardware("cpu" if device == "cpu" else (gpu_name or "H100 SXM"), None, memory_gb, None, None, None)
     t = cfg.training
     gb = t.batch_size * t.gradient_accumulation_steps * world_size
-    plan = make_plan(cfg, 1, world_size, hw, tokens=1, global_batch=gb, sweep=False)
+    try:
+        plan = make_plan(cfg, 1, world_size, hw, tokens=1, global_batch=gb, sweep=False)
+    except ForgeError as e:
+        raise ForgeError(str(e).replace("forge-ds plan: ", "--deepspeed_config=auto: ", 1)) from None
     return plan.best.stage, plan.reason, plan.micro_batch
 
 

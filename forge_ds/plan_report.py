@@ -26,7 +26,7 @@ def render(plan: Plan, cfg, hw, nodes: int, gpus_per_node: int) -> str:
     lines = [
         f"forge-ds plan: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}, "
         f"T {m.max_seq_len}; Ψ = {mm.Shape.of(cfg).trainable:,} trainable parameters",
-        f"  hardware   {nodes} node(s) x {gpus_per_node} {hw.name} = {plan.world} ranks; {hw.peak_flops / 1e12:,.0f} "
+        f"  hardware   {nodes} node(s) x {gpus_per_node} {hw.name} = {plan.world} ranks; {hw.peak_flops / 1e12:,.3g} "
         f"TFLOP/s peak at MFU {hw.mfu:.2f}, {hw.memory_bytes / 2**30:.0f} GiB, links {hw.intra_bytes_per_s * 8 / 1e9:,.0f}"
         f" / {hw.inter_bytes_per_s * 8 / 1e9:,.0f} Gbit/s intra / inter node",
         f"  batch      global {plan.global_batch} sequences held; activation checkpointing "
@@ -45,7 +45,8 @@ def render(plan: Plan, cfg, hw, nodes: int, gpus_per_node: int) -> str:
                                                                               "buffers", "activations", "total"))
             + f"{mm.gib(mem['headroom']):>9.2f}  {_mb(handed):>9}{_mb(r.wire_bytes):>9}{r.comm_s:>8.3f}"
             f"{r.exposed_comm_s:>8.3f}{r.compute_s:>8.3f}{r.host_s:>8.3f}{r.step_s:>8.3f}"
-            f"{tokens_per_step / r.step_s:>12,.0f}  {r.binds}" + (f"  ({'; '.join(r.notes)})" if r.notes else ""))
+            f"{tokens_per_step / r.step_s:>12,.0f}  {r.binds}  (micro-batch {r.micro_batch} x {r.grad_accum}"
+            + "".join(f"; {note}" for note in r.notes) + ")")
     best = plan.best
     lines += [
         "",
