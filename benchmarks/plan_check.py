@@ -191,7 +191,7 @@ def predicted(shape: str, precision: str, stage: str, world: int, rank: int) -> 
             "comms": plan.collectives(s, n, world, precision, 1, zero),
             "checkpoint_bytes": mm.checkpoint_bytes(s, n, world, precision), "export_bytes": mm.export_bytes(s),
             # the first step at ZeRO-0 allocates the gradients and torch AdamW's two moments beside the activations
-            "step_peak_growth": mm.activations(s, precision, "cpu", False)["peak"]
+            "step_peak_growth": mm.activations(s, precision, "cpu", False)["peak"] + mm.CPU_FIRST_STEP_RUNTIME_BYTES
             + (states["grads"] + states["optimizer"] if n == 0 else 0.0)}
 
 

@@ -18,6 +18,10 @@ TORCH_SAVE_PER_TENSOR_BYTES = 330
 SAFETENSORS_PER_TENSOR_BYTES = 90
 
 STATE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# A CPU process's first training step grows its RSS by this much beyond the model's own tensors (autograd's and the
+# math libraries' first use, the first logging): measured at plan_check.py's "tiny" shape, where the model's share
+# is 1.7 MB, as 12.8 and 11.2 MiB on the two ranks of a 2-rank run (2026-12-04, the 2-core VM).
+CPU_FIRST_STEP_RUNTIME_BYTES = 12 * 2**20
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,8 @@ def activations(shape: Shape, precision: str, device: str, checkpointing: bool) 
         transient = 0
     btv = s.micro_batch * s.seq_len * s.vocab
     head = 2 * btd * b + btv * 4  # output_norm in/out, log_softmax's fp32 output
-    transient = max(transient, btv * (4 + b))  # its gradient and the logits' (start of backward)
+    # Start of backward: the loss's gradient and log_softmax's input gradient, both fp32 whatever the training dtype.
+    transient = max(transient, btv * 8)
     if checkpointing:
         # Each layer keeps only its input; one layer's activations exist again while it is recomputed.
         saved = s.n_layers * btd * b + per_layer + head

@@ -27,7 +27,7 @@ def render(plan: Plan, cfg, hw, nodes: int, gpus_per_node: int) -> str:
         f"forge-ds plan: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}, "
         f"T {m.max_seq_len}; Ψ = {mm.Shape.of(cfg).trainable:,} trainable parameters",
         f"  hardware   {nodes} node(s) x {gpus_per_node} {hw.name} = {plan.world} ranks; {hw.peak_flops / 1e12:,.3g} "
-        f"TFLOP/s peak at MFU {hw.mfu:.2f}, {hw.memory_bytes / 2**30:.0f} GiB, links {hw.intra_bytes_per_s * 8 / 1e9:,.0f}"
+        f"TFLOP/s peak at MFU {hw.mfu:.2f}, {hw.memory_bytes / 1e9:.0f} GB, links {hw.intra_bytes_per_s * 8 / 1e9:,.0f}"
         f" / {hw.inter_bytes_per_s * 8 / 1e9:,.0f} Gbit/s intra / inter node",
         f"  batch      global {plan.global_batch} sequences held; activation checkpointing "
         f"{'on' if t.activation_checkpointing else 'off'}",
