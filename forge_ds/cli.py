@@ -114,7 +114,7 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     opts = RunOptions(config=config, deepspeed_config=str(deepspeed_config), output_dir=output_dir,
                       resume=_resume_target(resume),
                       overwrite=bool(overwrite), init_from=init_from)
-    from forge_ds.plan import settle_auto
+    from forge_ds.plan_auto import settle_auto
 
     auto_notes: list[str] = []
     settle_auto(cfg, opts, world, auto_notes, env)

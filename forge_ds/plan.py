@@ -147,6 +147,19 @@ def comm_seconds(comms: dict, world: int, gpus_per_node: int, hw: Hardware) -> f
     return wire_bytes(comms, world) / bandwidth + calls * COLLECTIVE_LATENCY_S * math.ceil(math.log2(world))
 
 
+def exposed_seconds(comms: dict, comm_s: float, compute_s: float, stage: int, world: int, overlap: bool) -> float:
+    """The communication time a step waits for. With overlap_comm, ZeRO-2 reduces gradients beside backward (2/3
+    of compute) and ZeRO-3 also prefetches its gathers beside forward; ZeRO-1/2's all-gather of the updated
+    parameters comes after the optimizer step, and ZeRO-0/1 reduce once backward is done: exposed."""
+    if not overlap or stage < 2 or comm_s == 0:
+        return comm_s
+    if stage == 3:
+        return max(0.0, comm_s - compute_s)
+    gathered = (world - 1) * sum(comms.get("all_gather_into_tensor", []))
+    gather_s = comm_s * gathered / wire_bytes(comms, world)
+    return gather_s + max(0.0, comm_s - gather_s - 2 / 3 * compute_s)
+
+
 def host_seconds(shape: mm.Shape, stage: int, grad_accum: int, device: str) -> float:
     per_tensor_micro = HOST_PLAIN_S / HOST_TENSORS_MEASURED
     per_tensor_step = (HOST_STAGE_S[stage] - HOST_PLAIN_S) / HOST_TENSORS_MEASURED
@@ -171,15 +184,7 @@ def plan_row(name: str, shape: mm.Shape, world: int, gpus_per_node: int, precisi
     tokens = shape.micro_batch * shape.seq_len * grad_accum
     compute_s = tokens * flops_per_token(shape.trainable, shape.n_layers, shape.d_model, shape.seq_len) \
         / (hw.peak_flops * hw.mfu) * (4 / 3 if checkpointing else 1)  # recompute: one more forward
-    # Overlapped: the gradient reduction runs beside backward (2/3 of compute) with overlap_comm; ZeRO-3 prefetches
-    # its gathers beside forward. ZeRO-1/2's parameter all-gather after the step and ZeRO-0's reduce are exposed.
-    if zero["overlap_comm"] and stage >= 2:
-        exposed = max(0.0, comm_s - compute_s)
-    elif zero["overlap_comm"] and stage == 1:
-        gather_share = sum(comms.get("all_gather_into_tensor", [])) * (world - 1)
-        exposed = comm_s * gather_share / max(1.0, wire_bytes(comms, world))
-    else:
-        exposed = comm_s
+    exposed = exposed_seconds(comms, comm_s, compute_s, stage, world, zero["overlap_comm"])
     host_s = host_seconds(shape, stage, grad_accum, hw.device)
     notes = []
     if offload:
@@ -340,74 +345,3 @@ def stops_helping(scaling: list, gain: float = 0.10) -> Optional[int]:
         if t_next > t * (1 - gain):
             return n
     return scaling[-1][0] if scaling else None
-
-
-def choose_stage(cfg, world_size: int, device: str, gpu_name: Optional[str] = None,
-                 memory_gb: Optional[float] = None) -> tuple[str, str, int]:
-    """`--deepspeed_config=auto`: (shipped config name, one-line reason, the planner's micro-batch). Only the stage
-    and offload are chosen; the run keeps its configured batch."""
-    hw = hardware("cpu" if device == "cpu" else (gpu_name or "H100 SXM"), None, memory_gb, None, None, None)
-    t = cfg.training
-    gb = t.batch_size * t.gradient_accumulation_steps * world_size
-    try:
-        plan = make_plan(cfg, 1, world_size, hw, tokens=1, global_batch=gb, sweep=False)
-    except ForgeError as e:
-        raise ForgeError(str(e).replace("forge-ds plan: ", "--deepspeed_config=auto: ", 1)) from None
-    return plan.best.stage, plan.reason, plan.micro_batch
-
-
-def _this_device(device: str, world_size: int) -> tuple[str, float]:
-    """(table key, memory GB per rank) of the device this process trains on."""
-    if device == "cpu":
-        import psutil
-
-        return "cpu", psutil.virtual_memory().total / 1e9 / max(1, world_size)
-    import torch
-
-    name = torch.cuda.get_device_name()
-    key = next((k for k, spec in DEVICES.items() if any(m in name for m in spec["match"])), "H100 SXM")
-    return key, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
-
-
-def _saved_choice(opts, env) -> Optional[str]:
-    """On resume: the stage (and offload) the run was saved with, so `auto` never changes a run's layout."""
-    import json
-
-    from forge_ds import checkpoint, ds_config, train
-
-    if not opts.resume:
-        return None
-    run_dir = train.resolve_run_dir(opts, env)
-    target = checkpoint.find_resume_target(run_dir, opts.resume)
-    stage = checkpoint.read_state(target).zero_stage
-    saved_ds = run_dir / "ds_config.json"
-    offload = saved_ds.is_file() and ds_config.offloads_optimizer(json.loads(saved_ds.read_text()))
-    return "zero3_offload" if stage == 3 and offload else f"zero{stage}"
-
-
-def settle_auto(cfg, opts, world_size: int, notes: list, env=None) -> None:
-    """`--deepspeed_config=auto` for train and check: replace it in `opts` by the planner's choice and add the
-    reason to `notes` (printed before the start block). Under ranks, rank 0 decides and broadcasts; a resume keeps
-    the saved stage. Anything else is left alone."""
-    if opts.deepspeed_config != "auto":
-        return
-    from forge_ds import distributed, train
-
-    device = train.resolve_device(cfg)
-
-    def decide() -> tuple[str, str]:
-        saved = _saved_choice(opts, env)
-        if saved:
-            return saved, f"deepspeed_config=auto: {saved}, the stage this run was saved with (resume keeps it)"
-        key, memory_gb = _this_device(device, world_size)
-        name, reason, micro = choose_stage(cfg, world_size, device, key, memory_gb)
-        return name, (f"deepspeed_config=auto: {name}: {reason}; batch kept at {cfg.training.batch_size} per rank "
-                      f"(the planner's micro-batch: {micro})")
-
-    if env is not None and world_size > 1:
-        distributed.init(device)
-        name, line = train.on_main(decide)
-    else:
-        name, line = decide()
-    opts.deepspeed_config = name
-    notes.append(line)

@@ -211,7 +211,7 @@ def preflight(cfg: Config, opts: RunOptions, world_size: int) -> tuple[str, str,
 def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str]) -> Run:
     import deepspeed
 
-    from forge_ds.plan import settle_auto
+    from forge_ds.plan_auto import settle_auto
 
     settle_auto(cfg, opts, env.world_size, notes, env)  # --deepspeed_config=auto: rank 0 decides, all follow
     device, precision, ds, init_state = preflight(cfg, opts, env.world_size)
