@@ -18,6 +18,7 @@ from forge_ds.errors import ForgeError
 from forge_ds.metrics import DEVICES, device_spec, flops_per_token
 
 STAGES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+TIE = 0.02  # steps within 2% of each other count as equally fast
 FIT_MARGIN = 0.10  # a stage "fits" with 10% of device memory to spare (allocator fragmentation, CUDA context)
 
 # Host time per step, per parameter tensor, from docs/PERFORMANCE.md's host-overhead table (benchmarks/
@@ -298,14 +299,16 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, hw: Hardware, tokens: Optiona
         rows.append(plan_row(name, _shape(cfg, micro), world, gpus_per_node, precision, accum,
                              t.activation_checkpointing, hw, ds))
     fitting = [r for r in rows if r.fits]
-    best = min(fitting, key=lambda r: r.step_s) if fitting else None
+    fastest = min((r.step_s for r in fitting), default=None)
+    # The lowest stage within TIE of the fastest: less sharding is less to go wrong (compile, placeholders).
+    best = next((r for r in fitting if r.step_s <= fastest * (1 + TIE)), None)
     shape = mm.Shape.of(cfg)
     if best is None:
         _raise_fits_nowhere(rows, hw, world)
     scaling = _sweep(cfg, gpus_per_node, hw, gb, total_steps, best.stage) if sweep else []
-    reason = (f"{best.stage} is the fastest stage that fits with {FIT_MARGIN:.0%} to spare "
-              f"({mm.gib(best.memory['total']):.1f} of {hw.memory_bytes / 2**30:.1f} GiB); its step is bound by "
-              f"{best.binds}")
+    reason = (f"{best.stage} is the fastest stage (lowest within {TIE:.0%}) that fits with {FIT_MARGIN:.0%} "
+              f"to spare ({mm.gib(best.memory['total']):.1f} of {hw.memory_bytes / 2**30:.1f} GiB); its step is "
+              f"bound by {best.binds}")
     stage_n = 3 if best.stage == "zero3_offload" else int(best.stage[-1])
     ckpt = {s: mm.checkpoint_bytes(shape, int(s[-1]), world, precision) for s in STAGES[:4]}
     return Plan(rows, world, gb, best.micro_batch, best.grad_accum, steps_per_epoch, total_steps, n_tokens, source,
