@@ -33,6 +33,17 @@ RUN_OPTIONS_HELP = """run options (not part of the saved config):
 config fields (type, default), as dotted flags:"""
 
 
+PLAN_HELP = """usage: forge-ds plan [--config=…] [--section.field=value ...] --nodes=N --gpus_per_node=G [hardware]
+hardware (defaults: the --gpu entry of forge_ds/metrics.py's DEVICES table; docs/SCALING.md):
+  --gpu=NAME                  H100 (SXM), "H100 PCIe", H200, "A100 40GB", "A100 80GB", L40S, A10G, cpu; default H100
+  --peak_tflops=F --memory_gb=F   per-GPU dense bf16 peak and memory (both: a device not in the table)
+  --mfu=F                     fraction of peak the kernels reach; default 0.24 (measured, docs/PERFORMANCE.md)
+  --intra_node_gbps=F         Gbit/s per direction between the GPUs of a node; --inter_node_gbps=F per GPU across
+  --tokens=N                  training tokens when the data is not prepared (else meta.json; else bytes / 4)
+  --global_batch=N            sequences per optimizer step to hold; default batch_size x accumulation x ranks
+config fields (type, default), as dotted flags:"""
+
+
 def _config(config, overrides) -> tuple:
     overrides = dict(overrides)
     if overrides.pop("help", False):
@@ -150,6 +161,10 @@ def plan(config: Optional[str] = None, nodes: int = 1, gpus_per_node: int = 8, g
     from forge_ds import plan as plan_mod
     from forge_ds.plan_report import render
 
+    if overrides.get("help"):
+        print(PLAN_HELP)
+        print(config_mod.help_text())
+        raise SystemExit(0)
     cfg, _ = _config(config, overrides)
     hw = plan_mod.hardware(gpu, peak_tflops, memory_gb, mfu, intra_node_gbps, inter_node_gbps)
     result = plan_mod.make_plan(cfg, nodes, gpus_per_node, hw, tokens, global_batch)

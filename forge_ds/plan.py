@@ -318,12 +318,12 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, hw: Hardware, tokens: Optiona
 
 def _raise_fits_nowhere(rows: list, hw: Hardware, world: int) -> None:
     closest = min(rows, key=lambda r: r.memory["total"])
-    need = closest.memory["total"] / (1 - FIT_MARGIN)
-    raise ForgeError(f"forge-ds plan: the model fits no stage on {world} x {hw.name} ({hw.memory_bytes / 2**30:.0f}"
-                     f" GiB each): the smallest, {closest.stage} at micro-batch 1, needs "
-                     f"{mm.gib(closest.memory['total']):.1f} GiB per rank, {mm.gib(need - hw.memory_bytes):.1f} GiB "
-                     f"more than {1 - FIT_MARGIN:.0%} of the device; use more ranks, activation checkpointing or a "
-                     "smaller model")
+    limit = hw.memory_bytes * (1 - FIT_MARGIN)
+    raise ForgeError(f"forge-ds plan: the model fits no stage on {world} x {hw.name} ({hw.memory_bytes / 1e9:.0f} GB "
+                     f"each): the smallest, {closest.stage} at micro-batch 1, needs {mm.gib(closest.memory['total']):.1f}"
+                     f" GiB per rank where {mm.gib(limit):.1f} GiB ({1 - FIT_MARGIN:.0%}) is the limit, "
+                     f"{mm.gib(closest.memory['total'] - limit):.1f} GiB too much; use more ranks, activation "
+                     "checkpointing or a smaller model")
 
 
 def _sweep(cfg, gpus_per_node: int, hw: Hardware, gb: int, total_steps: int, stage: str) -> list:

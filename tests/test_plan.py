@@ -60,7 +60,7 @@ def test_plan_prints_every_stage_and_a_recommendation():
     (["--gpu=H900"], "unknown --gpu='H900'"),
     (["--nodes=0"], "--nodes=0 must be"),
     (["--model.d_model=8192", "--model.n_heads=64", "--model.n_layers=96", "--model.d_ff=32768",
-      "--model.max_seq_len=16384", "--training.batch_size=1", "--gpus_per_node=1"], "GiB more than 90%"),
+      "--model.max_seq_len=16384", "--training.batch_size=1", "--gpus_per_node=1"], "GiB too much"),
 ])
 def test_plan_bad_input_is_one_line_and_exit_2(flags, expected):
     line = user_error_line(forge(["plan", "--tokens=1000000", *flags]))
