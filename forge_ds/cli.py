@@ -33,6 +33,8 @@ RUN_OPTIONS_HELP = """run options (not part of the saved config):
 config fields (type, default), as dotted flags:"""
 
 
+TRAIN_ONLY_OPTIONS = ("deepspeed_config", "output_dir", "resume", "overwrite", "stop_after_steps", "init_from",
+                      "allow_schedule_change", "tensorboard_dir", "local_rank", "world_size")
 PLAN_HELP = """usage: forge-ds plan [--config=…] [--section.field=value ...] --nodes=N --gpus_per_node=G [hardware]
 hardware (defaults: the --gpu entry of forge_ds/metrics.py's DEVICES table; docs/SCALING.md):
   --gpu=NAME                  H100 (SXM), "H100 PCIe", H200, "A100 40GB", "A100 80GB", L40S, A10G, cpu; default H100
@@ -165,7 +167,11 @@ def plan(config: Optional[str] = None, nodes: int = 1, gpus_per_node: int = 8, g
         print(PLAN_HELP)
         print(config_mod.help_text())
         raise SystemExit(0)
+    # train's run options may come along with a copied train command line; the plan covers every stage anyway.
+    ignored = [key for key in TRAIN_ONLY_OPTIONS if overrides.pop(key, None) is not None]
     cfg, _ = _config(config, overrides)
+    if ignored:
+        print(f"note: plan ignores train's run options: {', '.join('--' + key for key in ignored)}")
     hw = plan_mod.hardware(gpu, peak_tflops, memory_gb, mfu, intra_node_gbps, inter_node_gbps)
     result = plan_mod.make_plan(cfg, nodes, gpus_per_node, hw, tokens, global_batch)
     print(render(result, cfg, hw, nodes, gpus_per_node))

@@ -42,8 +42,9 @@ DEVICES = {
     "A10G": dict(match=("A10G",), tflops=125.0, memory_gb=24, mfu=0.24, intra_gbps=256.0, inter_gbps=100.0,
                  source="NVIDIA A10 datasheet (125 TFLOPS bf16 dense, 24 GB GDDR6); AWS g5 networking"),
     # One CPU rank with one thread: 32 fp32 FLOP per cycle (two 256-bit FMA pipes) at ~2.5 GHz. MFU 0.24 is
-    # measured on this 2-core AMD EPYC VM (benchmarks/plan_check.py "calib" shape, 2 ranks, ZeRO-0: 18.9 GFLOP/s
-    # per rank). Memory: the 24 GiB VM this project runs its tests on; give --memory_gb for yours.
+    # measured on this 2-core AMD EPYC VM (benchmarks/plan_check.py "calib" shape, 2 ranks sharing the 2 cores,
+    # ZeRO-0: 18.9 GFLOP/s per rank; one rank alone reached 0.31, docs/PERFORMANCE.md). Memory: the 24 GiB VM this
+    # project runs its tests on; give --memory_gb for yours.
     "cpu": dict(match=(), tflops=0.08, memory_gb=24, mfu=0.24, intra_gbps=20.0, inter_gbps=10.0,
                 source="x86-64 AVX2/AVX-512 core: 2 FMA x 8 fp32 x 2 FLOP x 2.5 GHz; MFU and memory measured here"),
 }

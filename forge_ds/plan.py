@@ -247,6 +247,7 @@ class Plan:
     export_bytes: dict
     best: Optional[Row]
     reason: str
+    precision: str
     scaling: list            # (nodes, time to max_steps in s, binds) with the global batch held
 
 
@@ -313,7 +314,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, hw: Hardware, tokens: Optiona
     ckpt = {s: mm.checkpoint_bytes(shape, int(s[-1]), world, precision) for s in STAGES[:4]}
     return Plan(rows, world, gb, best.micro_batch, best.grad_accum, steps_per_epoch, total_steps, n_tokens, source,
                 {"chosen": mm.checkpoint_bytes(shape, stage_n, world, precision), **ckpt}, mm.export_bytes(shape),
-                best, reason, scaling)
+                best, reason, precision, scaling)
 
 
 def _raise_fits_nowhere(rows: list, hw: Hardware, world: int) -> None:

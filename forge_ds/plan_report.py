@@ -21,6 +21,29 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f}"
 
 
+def _messages(comms: dict) -> str:
+    """all_reduce: 1 x 42.0 MB + 2 x 4 B, … (the sizes a rank hands to each collective in one step)."""
+    def size(n: int) -> str:
+        return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n:,} B"
+    parts = []
+    for op, sizes in comms.items():
+        counts: dict = {}
+        for n in sizes:
+            counts[n] = counts.get(n, 0) + 1
+        parts.append(f"{op}: " + " + ".join(f"{c} x {size(n)}" for n, c in sorted(counts.items(), reverse=True)))
+    return "; ".join(parts) or "none (one rank)"
+
+
+def _activation_line(cfg, hw, micro: int, precision: str) -> str:
+    shape = mm.Shape.of(cfg)
+    shape = mm.Shape(shape.vocab, shape.d_model, shape.n_heads, shape.n_layers, shape.d_ff, shape.seq_len, micro,
+                     shape.dropout)
+    off, on = (mm.gib(mm.activations(shape, precision, hw.device, ckpt)["peak"]) for ckpt in (False, True))
+    used = "on" if cfg.training.activation_checkpointing else "off"
+    return (f"  activ.     micro-batch {micro}: {off:.2f} GiB without, {on:.2f} GiB with "
+            f"--training.activation_checkpointing (the rows: {used})")
+
+
 def render(plan: Plan, cfg, hw, nodes: int, gpus_per_node: int) -> str:
     m, t = cfg.model, cfg.training
     lines = [
@@ -58,6 +81,8 @@ def render(plan: Plan, cfg, hw, nodes: int, gpus_per_node: int) -> str:
         f"  recommend  --deepspeed_config={best.stage} --training.batch_size={plan.micro_batch} "
         f"--training.gradient_accumulation_steps={plan.grad_accum} (global batch {plan.global_batch})",
         f"  why        {plan.reason}",
+        _activation_line(cfg, hw, plan.micro_batch, plan.precision),
+        f"  messages   {best.stage}, per rank per optimizer step: {_messages(best.comms)}",
     ]
     if plan.scaling:
         knee = stops_helping(plan.scaling)
