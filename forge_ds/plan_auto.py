@@ -72,7 +72,7 @@ def settle_auto(cfg, opts, world_size: int, notes: list, env=None) -> None:
         return name, (f"deepspeed_config=auto: {name}: {reason}; batch kept at {cfg.training.batch_size} per rank "
                       f"(the planner's micro-batch: {micro})")
 
-    if env is not None and world_size > 1:
+    if env is not None and env.world_size > 1:  # launched ranks (check may plan for more than it runs)
         distributed.init(device)
         name, line = train.on_main(decide)
     else:
