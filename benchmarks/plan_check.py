@@ -41,11 +41,13 @@ SHAPES = {
     "calib": dict(d_model=128, n_heads=4, n_layers=2, d_ff=512, max_seq_len=128, vocab_size=2048, batch_size=8),
     "predict": dict(d_model=256, n_heads=4, n_layers=4, d_ff=1024, max_seq_len=256, vocab_size=2048, batch_size=4),
 }
+SHAPES["predict_ckpt"] = dict(SHAPES["predict"], activation_checkpointing=True)  # the same, layers recomputed
 
 
 def overrides(shape: str, precision: str, prepared_dir: str, steps: int) -> dict:
-    s = SHAPES[shape]
-    out = {f"model.{k}": v for k, v in s.items() if k != "batch_size"}
+    s = dict(SHAPES[shape])
+    out = {"training.activation_checkpointing": s.pop("activation_checkpointing", False)}
+    out.update({f"model.{k}": v for k, v in s.items() if k != "batch_size"})
     out.update({"training.batch_size": s["batch_size"], "training.precision": precision, "training.device": "cpu",
                 "training.max_steps": steps, "training.warmup_steps": 1, "training.log_every": 1000,
                 "training.eval_every": 100000, "training.checkpoint_every": 100000, "training.eval_max_batches": 1,
@@ -193,7 +195,7 @@ def predicted(shape: str, precision: str, stage: str, world: int, rank: int) -> 
             "comms": plan.collectives(s, n, world, precision, 1, zero),
             "checkpoint_bytes": mm.checkpoint_bytes(s, n, world, precision), "export_bytes": mm.export_bytes(s),
             # the first step at ZeRO-0 allocates the gradients and torch AdamW's two moments beside the activations
-            "step_peak_growth": mm.activations(s, precision, "cpu", False)["peak"] + mm.CPU_FIRST_STEP_RUNTIME_BYTES
+            "step_peak_growth": mm.activations(s, precision, "cpu", cfg.training.activation_checkpointing)["peak"] + mm.CPU_FIRST_STEP_RUNTIME_BYTES
             + (states["grads"] + states["optimizer"] if n == 0 else 0.0)}
 
 
