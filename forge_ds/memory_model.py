@@ -143,10 +143,10 @@ def deepspeed_buffers(shape: Shape, stage: int, world: int, precision: str, zero
 def activations(shape: Shape, precision: str, device: str, checkpointing: bool) -> dict:
     """Bytes of one micro-batch's activations at the step's peak: what autograd saves, plus the largest transient.
 
-    Per layer, counting the tensors autograd keeps (model.py's forward): the layer input, attn_norm's output, the
-    qkv projection, the scaled q, the re-laid-out attention output and the output dropout's mask (6 + 3·d
-    worth of B·T·d... i.e. 11 B·T·d in all with the expert's input, norm output and dropout mask), and 3 B·T·d_ff
-    (fc1's output kept by GELU, its dropout mask, the dropped values kept by fc2).
+    Per layer, counting the tensors autograd keeps (model.py's forward): 8 of B·T·d in the training dtype (the layer
+    input, attn_norm's output, the qkv projection (3), the scaled q, the re-laid-out attention output, the expert's
+    norm output), 3 dropout masks of B·T·d (attention output, expert output, embedding), and of B·T·d_ff: fc1's
+    output (kept by GELU), the dropped values (kept by fc2) and their mask.
     CPU attention with dropout writes softmax·dropout out (model.causal_attention) and keeps the fp32 softmax, the
     mask and the dropped weights: (4 + 2b)·B·H·T² bytes. GPU SDPA (flash / memory-efficient) keeps no T² term,
     only a log-sum-exp per row, and torch's fused dropout keeps 1-byte masks.
@@ -157,7 +157,7 @@ def activations(shape: Shape, precision: str, device: str, checkpointing: bool) 
     cpu = device == "cpu"
     dropout = s.dropout > 0
     mask = b if cpu else 1  # our CPU dropout multiplies by a mask of the input's dtype; torch's GPU kernel: bool
-    masks_td = 3 if dropout else 0  # attention output, expert output, embedding (counted per layer: ~)
+    masks_td = 3 if dropout else 0  # attention output, expert output, embedding (the last one counted per layer)
     per_layer = btd * (8 * b + masks_td * mask) + btf * (2 * b + (mask if dropout else 0))
     if cpu and dropout:
         per_layer += bhtt * (4 + 2 * b)
@@ -177,23 +177,28 @@ def activations(shape: Shape, precision: str, device: str, checkpointing: bool) 
     return {"saved": float(saved), "transient": float(transient), "peak": float(saved + transient)}
 
 
+# Each DeepSpeed checkpoint file also pickles its client state, config and bookkeeping: ~6 torch.save fixed parts.
+DS_FILE_OVERHEAD_BYTES = 6 * TORCH_SAVE_FIXED_BYTES
+FORGE_CHECKPOINT_FILES_BYTES = 3_000  # forge_state.json, config.yaml, manifest.json, the safetensors header
+
+
 def checkpoint_bytes(shape: Shape, stage: int, world: int, precision: str) -> float:
     """Bytes of one checkpoint folder, all ranks' files: DeepSpeed's model-state and optimizer files plus forge_ds's
     small ones. The module's state dict is written in the training dtype with the pe buffer (fp32); the optimizer
     holds the fp32 master (when separate) and Adam's m and v, partitioned across the ranks' files at ZeRO-1/2/3."""
-    psi, p = shape.trainable, STATE_BYTES[precision]
-    tensors = shape.tensors()
+    psi, p, n_tensors = shape.trainable, STATE_BYTES[precision], len(shape.tensors())
     # ZeRO-3's module files hold placeholders only; its weights live in the optimizer files' fp32 partitions.
     module = 0 if stage == 3 else (psi + shape.frozen) * p + shape.seq_len * shape.d_model * 4
     master = 0 if precision == "fp32" and stage == 0 else 4
     optim = psi * (8 + master)
-    n_files = 1 if stage == 0 else (2 * world if stage == 3 else 1 + world)
-    records = (len(tensors) + 1) * (1 if stage < 3 else world) + 3 * len(tensors) * (1 if stage == 0 else 0) \
-        + 3 * world * (stage > 0) * 2
-    small = 3_000  # forge_state.json, config.yaml, manifest.json, frozen_params.safetensors headers
-    frozen_file = shape.frozen * 4
-    return module + optim + frozen_file + small + n_files * 6 * TORCH_SAVE_FIXED_BYTES \
-        + records * TORCH_SAVE_PER_TENSOR_BYTES
+    if stage == 0:  # one file: the module's tensors, and torch AdamW's m, v and step for each of them
+        files, records = 1, (n_tensors + 1) + 3 * n_tensors
+    elif stage in (1, 2):  # the module file, and per rank the flat fp32/m/v partitions of the two groups
+        files, records = 1 + world, (n_tensors + 1) + 6 * world
+    else:  # per rank a module file of placeholders and an optimizer file
+        files, records = 2 * world, (n_tensors + 1) * world + 6 * world
+    return (module + optim + shape.frozen * 4 + FORGE_CHECKPOINT_FILES_BYTES + files * DS_FILE_OVERHEAD_BYTES
+            + records * TORCH_SAVE_PER_TENSOR_BYTES)
 
 
 def export_bytes(shape: Shape) -> dict:
