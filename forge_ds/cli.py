@@ -33,19 +33,6 @@ RUN_OPTIONS_HELP = """run options (not part of the saved config):
 config fields (type, default), as dotted flags:"""
 
 
-TRAIN_ONLY_OPTIONS = ("deepspeed_config", "output_dir", "resume", "overwrite", "stop_after_steps", "init_from",
-                      "allow_schedule_change", "tensorboard_dir", "local_rank", "world_size")
-PLAN_HELP = """usage: forge-ds plan [--config=…] [--section.field=value ...] --nodes=N --gpus_per_node=G [hardware]
-hardware (defaults: the --gpu entry of forge_ds/metrics.py's DEVICES table; docs/SCALING.md):
-  --gpu=NAME                  H100 (SXM), "H100 PCIe", H200, "A100 40GB", "A100 80GB", L40S, A10G, cpu; default H100
-  --peak_tflops=F --memory_gb=F   per-GPU dense bf16 peak and memory (both: a device not in the table)
-  --mfu=F                     fraction of peak the kernels reach; default 0.24 (measured, docs/PERFORMANCE.md)
-  --intra_node_gbps=F         Gbit/s per direction between the GPUs of a node; --inter_node_gbps=F per GPU across
-  --tokens=N                  training tokens when the data is not prepared (else meta.json; else bytes / 4)
-  --global_batch=N            sequences per optimizer step to hold; default batch_size x accumulation x ranks
-config fields (type, default), as dotted flags:"""
-
-
 def _config(config, overrides) -> tuple:
     overrides = dict(overrides)
     if overrides.pop("help", False):
@@ -131,7 +118,8 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
 
     auto_notes: list[str] = []
     settle_auto(cfg, opts, world, auto_notes, env)
-    print("\n".join(auto_notes)) if auto_notes else None
+    for note in auto_notes:
+        print(note)
     device, precision, ds, _ = preflight(cfg, opts, world)
     t = cfg.training
     run_dir = resolve_run_dir(opts, env)
@@ -160,21 +148,10 @@ def plan(config: Optional[str] = None, nodes: int = 1, gpus_per_node: int = 8, g
          **overrides) -> None:
     """Memory, communication and time per step for each ZeRO stage on N nodes x G GPUs, and the configuration it
     recommends (docs/SCALING.md). Takes train's config flags; nothing is prepared or launched."""
-    from forge_ds import plan as plan_mod
-    from forge_ds.plan_report import render
+    from forge_ds.plan_report import plan_command
 
-    if overrides.get("help"):
-        print(PLAN_HELP)
-        print(config_mod.help_text())
-        raise SystemExit(0)
-    # train's run options may come along with a copied train command line; the plan covers every stage anyway.
-    ignored = [key for key in TRAIN_ONLY_OPTIONS if overrides.pop(key, None) is not None]
-    cfg, _ = _config(config, overrides)
-    if ignored:
-        print(f"note: plan ignores train's run options: {', '.join('--' + key for key in ignored)}")
-    hw = plan_mod.hardware(gpu, peak_tflops, memory_gb, mfu, intra_node_gbps, inter_node_gbps)
-    result = plan_mod.make_plan(cfg, nodes, gpus_per_node, hw, tokens, global_batch)
-    print(render(result, cfg, hw, nodes, gpus_per_node))
+    plan_command(config, nodes, gpus_per_node, gpu, peak_tflops, memory_gb, intra_node_gbps, inter_node_gbps, mfu,
+                 tokens, global_batch, overrides)
 
 
 def export(checkpoint_dir: str, out: Optional[str] = None, overwrite: bool = False) -> None:
@@ -295,8 +272,8 @@ def convert_universal(checkpoint_dir: str, workers: int = 1) -> None:
     print(f"converted {ckpt.name} -> {out}")
 
 
-COMMANDS = {"train": train, "prepare": prepare, "check": check, "plan": plan, "export": export, "verify": verify, "bench": bench,
-            "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal}
+COMMANDS = {"train": train, "prepare": prepare, "check": check, "plan": plan, "export": export, "verify": verify,
+            "bench": bench, "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
