@@ -1,5 +1,5 @@
 """`forge-ds plan`: memory, communication and time per optimizer step for each ZeRO stage, before a job is
-queued, and the configuration it recommends; `--deepspeed_config=auto` is `choose_stage` below.
+queued, and the configuration it recommends (`--deepspeed_config=auto` asks it too: plan_auto.py).
 
 Memory and file sizes come from memory_model.py. Communication: the bytes each rank hands to each collective (what
 DeepSpeed's comms logger records), the ring traffic derived from them, and their time at the given bandwidths.
