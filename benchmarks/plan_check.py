@@ -143,7 +143,8 @@ def measure_stage(args, stage: str, env, first: bool) -> dict:
                                                            for op, sizes in comms.items()},
             "checkpoint_bytes": folder_bytes(ckpt),
             "checkpoint_files": {str(p.relative_to(ckpt)): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()},
-            "export_bytes": {ext: (run_dir / f"shared_components.{ext}").stat().st_size for ext in ("pt", "safetensors")},
+            "export_bytes": {ext: (run_dir / f"shared_components.{ext}").stat().st_size
+                             for ext in ("pt", "safetensors")},
             "rss_after_init": after_init, "step_peak_rss_growth": step_peak_growth,
             # the first step pays one-time work, the second the counting above
             "step_time_median_s": statistics.median(times[2:] or times[1:])}
@@ -195,7 +196,8 @@ def predicted(shape: str, precision: str, stage: str, world: int, rank: int) -> 
             "comms": plan.collectives(s, n, world, precision, 1, zero),
             "checkpoint_bytes": mm.checkpoint_bytes(s, n, world, precision), "export_bytes": mm.export_bytes(s),
             # the first step at ZeRO-0 allocates the gradients and torch AdamW's two moments beside the activations
-            "step_peak_growth": mm.activations(s, precision, "cpu", cfg.training.activation_checkpointing)["peak"] + mm.CPU_FIRST_STEP_RUNTIME_BYTES
+            "step_peak_growth": mm.activations(s, precision, "cpu", cfg.training.activation_checkpointing)["peak"]
+            + mm.CPU_FIRST_STEP_RUNTIME_BYTES
             + (states["grads"] + states["optimizer"] if n == 0 else 0.0)}
 
 
@@ -259,7 +261,8 @@ def parse(argv):
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--steps", type=int, default=3, help="steps after the first (whose traffic and time are not compared)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="steps after the first (whose traffic and time are not compared)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)

@@ -109,7 +109,8 @@ def model_states(shape: Shape, stage: int, world: int, precision: str, offload: 
     ZeRO-1 in DeepSpeed 0.19.8 partitions the gradients as ZeRO-2 does (measured: equal bytes and equal
     collectives at 2 ranks). ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole on every rank,
     beside its partition. ZeRO-1/2 also keep the whole gradient of a parameter that crosses a partition boundary
-    (`straddle_grad_elements`); `ranks` picks whose figure (default: the fullest). With offload (zero3_offload) the optimizer state and the partitions live in host memory.
+    (`straddle_grad_elements`); `ranks` picks whose figure (default: the fullest). With offload (zero3_offload) the
+    optimizer state and the partitions live in host memory.
     """
     psi, n, p = shape.trainable, world, STATE_BYTES[precision]
     ranks = range(min(world, 64)) if ranks is None else ranks  # the fullest rank; boundaries repeat beyond 64

@@ -93,8 +93,8 @@ def _buckets(total: int, bucket: int) -> list[int]:
 
 def collectives(shape: mm.Shape, stage: int, world: int, precision: str, grad_accum: int, zero: dict) -> dict:
     """Message bytes each rank hands to each DeepSpeed collective in one optimizer step (DeepSpeed 0.19.8 as
-    recorded by its comms logger on gloo, alone too: all-reduce and reduce-scatter log the full input, all-gather this rank's
-    partition). Checked in tests/test_plan.py and benchmarks/plan_check.py."""
+    recorded by its comms logger on gloo, alone too: all-reduce and reduce-scatter log the full input, all-gather
+    this rank's partition). Checked in tests/test_plan.py and benchmarks/plan_check.py."""
     p, psi = mm.STATE_BYTES[precision], shape.trainable
     reduce_bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
     if stage == 0:  # the engine all-reduces the whole gradient at the boundary, in 5e8-element buffers
@@ -321,8 +321,8 @@ def _raise_fits_nowhere(rows: list, hw: Hardware, world: int) -> None:
     closest = min(rows, key=lambda r: r.memory["total"])
     limit = hw.memory_bytes * (1 - FIT_MARGIN)
     raise ForgeError(f"forge-ds plan: the model fits no stage on {world} x {hw.name} ({hw.memory_bytes / 1e9:.0f} GB "
-                     f"each): the smallest, {closest.stage} at micro-batch 1, needs {mm.gib(closest.memory['total']):.1f}"
-                     f" GiB per rank where {mm.gib(limit):.1f} GiB ({1 - FIT_MARGIN:.0%}) is the limit, "
+                     f"each): the smallest, {closest.stage} at micro-batch 1, needs "
+                     f"{mm.gib(closest.memory['total']):.1f} GiB per rank where {mm.gib(limit):.1f} GiB ({1 - FIT_MARGIN:.0%}) is the limit, "
                      f"{mm.gib(closest.memory['total'] - limit):.1f} GiB too much; use more ranks, activation "
                      "checkpointing or a smaller model")
 
