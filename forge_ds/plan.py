@@ -191,7 +191,8 @@ def plan_row(name: str, shape: mm.Shape, world: int, gpus_per_node: int, precisi
     if offload:
         moved = 2 * shape.trainable * mm.STATE_BYTES[precision] / world
         host_s += shape.trainable / world * CPU_ADAM_S_PER_PARAM + moved / PCIE_BYTES_PER_S
-        notes.append("optimizer step on the host CPU (DeepSpeedCPUAdam), parameters over PCIe")
+        notes.append(f"optimizer step on the host CPU (DeepSpeedCPUAdam), parameters over PCIe; "
+                     f"{mm.gib(states['host']):.2f} GiB per rank in host memory")
     if hw.device == "cpu":  # one processor does it all, one after the other
         step_s, binds = compute_s + exposed + host_s, max(
             (("compute", compute_s), ("network", exposed), ("host", host_s)), key=lambda kv: kv[1])[0]
