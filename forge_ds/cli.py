@@ -93,6 +93,19 @@ def prepare(config: Optional[str] = None, **overrides) -> None:
           f"vocab learned {meta['vocab_learned']})")
 
 
+def plan(config: Optional[str] = None, nodes: int = 1, gpus_per_node: int = 8, gpu: Optional[str] = None,
+         peak_tflops: Optional[float] = None, memory_gb: Optional[float] = None,
+         intra_node_gbps: Optional[float] = None, inter_node_gbps: Optional[float] = None,
+         mfu: Optional[float] = None, tokens: Optional[int] = None, global_batch: Optional[int] = None,
+         **overrides) -> None:
+    """Memory, communication and time per step for each ZeRO stage on N nodes x G GPUs, and the configuration it
+    recommends (docs/SCALING.md). Takes train's config flags; nothing is prepared or launched."""
+    from forge_ds.plan_report import plan_command
+
+    plan_command(config, nodes, gpus_per_node, gpu, peak_tflops, memory_gb, intra_node_gbps, inter_node_gbps, mfu,
+                 tokens, global_batch, overrides)
+
+
 def export(checkpoint_dir: str, out: Optional[str] = None, overwrite: bool = False) -> None:
     """Write the shared-only export from a checkpoint folder (or a run folder: its newest complete checkpoint),
     offline, in one process, at any ZeRO stage and world size."""
@@ -214,7 +227,8 @@ def convert_universal(checkpoint_dir: str, workers: int = 1) -> None:
     print(f"converted {ckpt.name} -> {out}")
 
 
-COMMANDS = {"train": train, "prepare": prepare, "check": check, "export": export, "verify": verify, "bench": bench,
+COMMANDS = {"train": train, "prepare": prepare, "check": check, "plan": plan, "export": export, "verify": verify,
+            "bench": bench,
             "evaluate": evaluate, "sample": sample, "convert-universal": convert_universal,
             "slurm-template": slurm_template}
 # The commands whose flags come from the typed description, and which description.

@@ -20,9 +20,46 @@ import torch
 
 from forge_ds.files import atomic_write_text
 
-# bf16 dense peak TFLOP/s per GPU, for MFU when --peak_tflops is not given. Matched by substring of the device
-# name, first hit wins: the PCIe H100 must come before the SXM entry its name also contains.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# Per device: dense bf16 peak TFLOP/s, memory GB, default MFU for `forge-ds plan`, and the interconnect per
+# direction in Gbit/s (intra: NVLink/PCIe between GPUs of a node; inter: the network per GPU). Each gives its source.
+# Matched by substring of the device name, first hit wins: "H100 PCIe" before the "H100" its name also contains.
+# The default MFU, 0.24: the plain eager PyTorch loop's kernels at GPT-2 small on an H100 (22.7% MFU with the GPU
+# busy 95% of the wall, docs/PERFORMANCE.md); forge_ds's own host cost is modelled apart (plan.py).
+DEVICES = {
+    "H100 PCIe": dict(match=("H100 PCIe",), tflops=756.0, memory_gb=80, mfu=0.24, intra_gbps=512.0, inter_gbps=400.0,
+                      source="NVIDIA H100 datasheet (PCIe: 756 TFLOPS bf16 dense, 80 GB HBM2e; PCIe Gen5 x16 64 GB/s)"),
+    "H100 SXM": dict(match=("H100",), tflops=989.0, memory_gb=80, mfu=0.24, intra_gbps=3600.0, inter_gbps=400.0,
+                     source="NVIDIA H100 datasheet (SXM5: 989 TFLOPS bf16 dense, 80 GB HBM3, NVLink 900 GB/s both "
+                            "ways); 400 Gb/s NDR InfiniBand per GPU (DGX H100)"),
+    "H200": dict(match=("H200",), tflops=989.0, memory_gb=141, mfu=0.24, intra_gbps=3600.0, inter_gbps=400.0,
+                 source="NVIDIA H200 datasheet (SXM: 989 TFLOPS bf16 dense, 141 GB HBM3e, NVLink 900 GB/s)"),
+    "A100 40GB": dict(match=("A100-SXM4-40GB", "A100-PCIE-40GB", "A100 40GB"), tflops=312.0, memory_gb=40,
+                      mfu=0.24, intra_gbps=2400.0, inter_gbps=200.0,
+                      source="NVIDIA A100 datasheet (312 TFLOPS bf16 dense, 40 GB HBM2, NVLink 600 GB/s); 200 Gb/s "
+                             "HDR InfiniBand per GPU (DGX A100)"),
+    "A100 80GB": dict(match=("A100",), tflops=312.0, memory_gb=80, mfu=0.24, intra_gbps=2400.0, inter_gbps=200.0,
+                      source="NVIDIA A100 datasheet (312 TFLOPS bf16 dense, 80 GB HBM2e, NVLink 600 GB/s)"),
+    "L40S": dict(match=("L40S",), tflops=362.0, memory_gb=48, mfu=0.24, intra_gbps=256.0, inter_gbps=200.0,
+                 source="NVIDIA L40S datasheet (362 TFLOPS bf16 dense, 48 GB GDDR6, PCIe Gen4 x16)"),
+    "A10G": dict(match=("A10G",), tflops=125.0, memory_gb=24, mfu=0.24, intra_gbps=256.0, inter_gbps=100.0,
+                 source="NVIDIA A10 datasheet (125 TFLOPS bf16 dense, 24 GB GDDR6); AWS g5 networking"),
+    # One CPU rank with one thread: 32 fp32 FLOP per cycle (two 256-bit FMA pipes) at ~2.5 GHz. MFU 0.24 is
+    # measured on this 2-core AMD EPYC VM (benchmarks/plan_check.py "calib" shape, 2 ranks sharing the 2 cores,
+    # ZeRO-0: 18.9 GFLOP/s per rank; one rank alone reached 0.31, docs/PERFORMANCE.md). Memory: the 24 GiB VM this
+    # project runs its tests on; give --memory_gb for yours.
+    "cpu": dict(match=(), tflops=0.08, memory_gb=24, mfu=0.24, intra_gbps=20.0, inter_gbps=10.0,
+                source="x86-64 AVX2/AVX-512 core: 2 FMA x 8 fp32 x 2 FLOP x 2.5 GHz; MFU and memory measured here"),
+}
+PEAK_TFLOPS = {key: spec["tflops"] for spec in DEVICES.values() for key in spec["match"]}
+
+
+def device_spec(name: str):
+    """The table entry of a --gpu name (case-insensitive, by key or by a device-name substring), else None."""
+    lowered = name.lower()
+    for key, spec in DEVICES.items():
+        if lowered == key.lower() or any(lowered == m.lower() for m in spec["match"]):
+            return spec
+    return None
 
 
 def configure_console(rank: int) -> None:

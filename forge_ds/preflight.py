@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from forge_ds import checkpoint, data, distributed, ds_config, export, faults, launch_env, resume, runlock
+from forge_ds import (checkpoint, data, distributed, ds_config, export, faults, launch_env, plan_auto, resume,
+                      runlock)
 from forge_ds.config import Config
 from forge_ds.errors import ForgeError
 from forge_ds.options import RunOptions
@@ -43,6 +44,8 @@ def preflight(cfg: Config, opts: RunOptions, env: launch_env.Env, world_size: in
     """With training=True the process group is started (after the checks that need no other rank), progress is
     shown, and a resume at another world size converts its checkpoint; `check` passes False and writes nothing
     but the prepared-data cache."""
+    auto = plan_auto.settle_auto(cfg, opts, world_size, env, resolve_device(cfg),
+                                 lambda: resolve_run_dir(opts, env), start_group=training)
     device, precision, ds, init_state = check_inputs(cfg, opts, world_size)
     if training:
         distributed.init(device)
@@ -57,6 +60,7 @@ def preflight(cfg: Config, opts: RunOptions, env: launch_env.Env, world_size: in
     else:
         runlock.refuse_if_locked(run_dir)
     target, notes = find_resume_target(run_dir, opts, cfg)
+    notes = ([auto] if auto else []) + notes
     prepared = distributed.on_main(lambda: prepare_data(cfg, show_progress=training))
     meta = data.read_meta(prepared)
     export.check_init_tokenizer(opts.init_from, meta["tokenizer_sha256"])
