@@ -78,14 +78,13 @@ def train(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
 
 
 def prepare(config: Optional[str] = None, **overrides) -> None:
-    """Read the corpus, train (or reuse) the tokenizer, write uint16 token files; prints the prepared folder."""
-    from forge_ds import data
-    from forge_ds.train import prepare_data
+    """Read the corpus, train (or reuse) the tokenizer, write the token files; prints the prepared folder."""
+    from forge_ds import data, prepare as preparation
 
     cfg, notes = _config(config, overrides)
     for note in notes:
         print(note)
-    prepared = prepare_data(cfg)
+    prepared = preparation.for_config(cfg)
     meta = data.read_meta(prepared)
     print(f"prepared: {prepared} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
           f"vocab learned {meta['vocab_learned']})")
@@ -99,9 +98,8 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     """Every validation `train` does before its first step, without training: run it with train's flags before
     sbatch (--world_size=N checks the batch split for N ranks; default: this launch's). It prepares the data, as
     train would (cached, so train reuses it): only the token counts tell whether the corpus fills a window."""
-    from forge_ds import checkpoint, data, ds_config
-    from forge_ds.train import (RunOptions, check_resume_state, check_run_dir, preflight, prepare_data,
-                                resolve_run_dir)
+    from forge_ds import checkpoint, data, ds_config, prepare as preparation
+    from forge_ds.train import RunOptions, check_resume_state, check_run_dir, preflight, resolve_run_dir
 
     cfg, notes = _config(config, overrides)
     for note in notes:
@@ -121,7 +119,7 @@ def check(config: Optional[str] = None, deepspeed_config: str = "zero2", output_
     if target is not None:
         checkpoint.compare_configs(checkpoint.saved_config(target), cfg, bool(allow_schedule_change))
         checkpoint.verify_manifest(target)
-    prepared = prepare_data(cfg, show_progress=False)
+    prepared = preparation.for_config(cfg, show_progress=False)
     meta = data.read_meta(prepared)
     data.check_fits(prepared, cfg.model.max_seq_len)
     train_windows = data.TokenWindows(prepared / "train.bin", cfg.model.max_seq_len)

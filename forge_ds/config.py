@@ -55,7 +55,7 @@ class TrainingConfig(_Section):
     recipe: Literal["balanced", "modularforge"] = "balanced"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 0  # worker processes for tokenizing the corpus and for preparing batches ahead of the step
+    num_workers: int = 0  # worker processes preparing batches ahead of the step (tokenizing: data.num_proc)
     compile: bool = False
     activation_checkpointing: bool = False
     max_skipped_steps: int = 20  # fp16 overflow steps in a row before we call it divergence
@@ -70,6 +70,8 @@ class DataConfig(_Section):
     prepared_dir: Optional[str] = None
     min_article_length: int = 0
     max_articles: Optional[int] = None
+    tokenizer_train_bytes: int = 1 << 30  # the BPE sample bound; 1 GiB covers WikiText-103 whole
+    num_proc: Optional[int] = None  # encoding processes; None: the cores this process may use, at run time
 
 
 class Config(_Section):
@@ -98,8 +100,9 @@ class Config(_Section):
         if m.vocab_size < 260 and d.tokenizer is None:  # checked here, not after data loading, to fail in seconds
             raise ValueError(f"model.vocab_size={m.vocab_size} is too small for the byte-level BPE forge_ds trains "
                              "(256 byte symbols + 4 special tokens); use at least 260, or give --data.tokenizer")
-        if m.vocab_size > 65536:
-            raise ValueError(f"model.vocab_size={m.vocab_size} does not fit the uint16 token files (max 65536)")
+        if d.tokenizer_train_bytes < 1 or (d.num_proc is not None and d.num_proc < 1):
+            raise ValueError(f"data.tokenizer_train_bytes={d.tokenizer_train_bytes} and data.num_proc={d.num_proc} "
+                             "must be at least 1 (omit num_proc for every core)")
         if t.max_steps is not None and t.max_steps < 1:
             raise ValueError(f"training.max_steps={t.max_steps} must be at least 1")
         if t.num_workers < 0:

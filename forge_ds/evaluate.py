@@ -21,11 +21,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from forge_ds import checkpoint, data, distributed
+from forge_ds import checkpoint, data, distributed, prepare
 from forge_ds.config import Config
 from forge_ds.errors import ForgeError
 from forge_ds.files import sha256_file
 from forge_ds.model import SharedTrainingModel, sinusoidal_table
+from forge_ds.tokens import token_dtype
 
 SPLITS = ("val", "train", "all")
 
@@ -97,7 +98,7 @@ def load_run_tokenizer(ckpt: Path, cfg: Config, state: checkpoint.TrainState):
     if state.tokenizer_sha256 and sha256_file(path) != state.tokenizer_sha256:
         raise ForgeError(f"{path} differs from the tokenizer {ckpt.name} was trained with (sha256 in "
                          f"{checkpoint.STATE_FILE}); restore the run's tokenizer.json")
-    return data.load_tokenizer(str(path), cfg.model.vocab_size), path
+    return prepare.load_tokenizer(str(path), cfg.model.vocab_size), path
 
 
 def resolve_device(device: str) -> str:
@@ -113,9 +114,9 @@ def _prepared_split(cfg: Config, split: str, tokenizer_sha: str) -> Optional[Pat
     """The run's own prepared token file, when it is still where training left it (relative to this directory)."""
     d = cfg.data
     try:
-        folder = Path(d.prepared_dir) if d.prepared_dir else Path("data/prepared") / data.prepared_key(
-            data.source_identity(d.source, d.text_field, d.min_article_length, d.max_articles, cfg.model.vocab_size,
-                                 d.val_fraction, d.split_seed, d.tokenizer))
+        folder = Path(d.prepared_dir) if d.prepared_dir else Path("data/prepared") / prepare.prepared_key(
+            prepare.source_identity(d.source, d.text_field, d.min_article_length, d.max_articles, cfg.model.vocab_size,
+                                 d.val_fraction, d.split_seed, d.tokenizer, d.tokenizer_train_bytes))
         if (folder / "meta.json").is_file() and data.read_meta(folder)["tokenizer_sha256"] == tokenizer_sha:
             return folder / f"{split}.bin"
     except (ForgeError, OSError, KeyError):
@@ -124,14 +125,13 @@ def _prepared_split(cfg: Config, split: str, tokenizer_sha: str) -> Optional[Pat
 
 
 def _tokenize(cfg: Config, split: str, tok, out: Path) -> Path:
-    """The documents of one split (or all), encoded exactly as data.prepare encodes them, as a uint16 stream."""
+    """The documents of one split (or all), encoded exactly as prepare.prepare encodes them."""
     d = cfg.data
-    docs = data.load_documents(d.source, d.text_field, d.min_article_length, d.max_articles)
+    docs = prepare.load_documents(d.source, d.text_field, d.min_article_length, d.max_articles)
     if split != "all":
-        train_docs, val_docs = data.split_documents(docs, d.val_fraction, d.split_seed)
+        train_docs, val_docs = prepare.split_documents(docs, d.val_fraction, d.split_seed)
         docs = val_docs if split == "val" else train_docs
-    ids = data._encode_batch({"text": list(docs)}, tok)["ids"]
-    np.concatenate(ids).astype(np.uint16).tofile(out)
+    prepare.encode_documents(docs, tok, cfg.model.vocab_size).tofile(out)
     return out
 
 
@@ -171,10 +171,10 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
         tokenizer_sha = state.tokenizer_sha256 or sha256_file(tok_path)
         bin_path = (_prepared_split(cfg, split, tokenizer_sha) if own_data and split != "all" else None) \
             or _tokenize(cfg, split, tok, Path(tmp) / f"{split}.bin")
-        windows = data.TokenWindows(bin_path, cfg.model.max_seq_len)
+        windows = data.TokenWindows(bin_path, cfg.model.max_seq_len, token_dtype(cfg.model.vocab_size))
         batch = batch_size or cfg.training.batch_size
         loss = evaluate_windows(model, windows, batch, device, max_batches)
-        unigram = data.unigram_entropy(bin_path)
+        unigram = data.unigram_entropy(bin_path, token_dtype(cfg.model.vocab_size))
         result = {"checkpoint": str(ckpt), "step": state.step, "zero_stage": state.zero_stage,
                   "source": cfg.data.source, "split": split, "tokens": windows.n_tokens, "windows": len(windows),
                   "seq_len": cfg.model.max_seq_len, "batch_size": batch, "max_batches": max_batches,

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from forge_ds import checkpoint, data, distributed, ds_config, export, universal
+from forge_ds import checkpoint, data, distributed, ds_config, export, prepare, universal
 from forge_ds.config import Config, modularforge_yaml, to_yaml
 from forge_ds.errors import ForgeError, TrainingDiverged
 from forge_ds.metrics import Metrics, flops_per_token, peak_flops
@@ -119,22 +119,6 @@ def on_main(fn, share: bool = True):
     return outcome[1] if share else result
 
 
-def prepare_data(cfg: Config, show_progress: bool = True) -> Path:
-    d = cfg.data
-    distributed.fault_point("prepare_data")  # tests: a slow rank 0 while the others wait
-    prepared = data.prepare(d.source, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
-                            val_fraction=d.val_fraction, split_seed=d.split_seed, tokenizer_path=d.tokenizer,
-                            min_article_length=d.min_article_length, max_articles=d.max_articles,
-                            prepared_dir=d.prepared_dir, num_proc=max(1, cfg.training.num_workers),
-                            show_progress=show_progress)
-    bad = data.read_meta(prepared).get("non_utf8_documents", 0)
-    if bad:  # printed on every run that uses these files, not only the one that made them
-        print(f"forge-ds: warning: {bad} document(s) of {d.source} held bytes that are not UTF-8, replaced by "
-              f"U+FFFD (counted as non_utf8_documents in {Path(prepared).resolve() / 'meta.json'})",
-              file=sys.stderr, flush=True)
-    return prepared
-
-
 def load_init_from(cfg: Config, init_from: str) -> dict:
     """The tensors of an --init_from export, checked against the model config (called before any data work, so a
     wrong export fails in seconds, not after tokenisation)."""
@@ -221,7 +205,7 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
         notes += checkpoint.compare_configs(checkpoint.saved_config(resume_from), cfg, opts.allow_schedule_change)
         on_main(lambda: checkpoint.verify_manifest(resume_from))
 
-    prepared = on_main(lambda: prepare_data(cfg))
+    prepared = on_main(lambda: prepare.for_config(cfg))
     meta = data.read_meta(prepared)
     data.check_fits(prepared, cfg.model.max_seq_len)
     train_windows = data.TokenWindows(prepared / "train.bin", cfg.model.max_seq_len)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from forge_ds import data as prepare
+from forge_ds import prepare
 
 PINS = {  # vocab size: (train.bin sha256, val.bin sha256, vocab sha256, merges sha256, prepared key)
     2048: ("2a08e34efeb9f01f8399b08f9dcbe63d6c56ccd13499c5662571928106b32986",

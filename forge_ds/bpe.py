@@ -1,0 +1,114 @@
+"""The byte-level BPE tokenizer: trained on a bounded sample of the training documents, or loaded and checked.
+
+A large sample trains in a child process: the trainer's word counts then leave with it instead of staying in the
+preparing process, its peak memory is measured on its own, and Ctrl-C does not wait for the merge loop (which
+runs in Rust and does not look at Python signals).
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from forge_ds.errors import ForgeError
+from forge_ds.sources import one_line
+from forge_ds.tokens import BOS_ID, EOS_ID, MIN_BPE_VOCAB, SPECIAL_TOKENS
+
+IN_PROCESS_SAMPLE_BYTES = 8 << 20  # smaller samples train in a few seconds: not worth a child's start-up
+READ_BATCH = 1_000  # documents read from the Arrow table at a time
+
+
+def train_tokenizer(docs, vocab_size: int, show_progress: bool = False, length: int | None = None
+                    ) -> tokenizers.Tokenizer:
+    """Byte-level BPE exactly as the contract specifies, trained on `docs`, any iterable of str, in order (ids 0..3
+    are SPECIAL_TOKENS)."""
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ForgeError(f"vocab_size={vocab_size} must be at least {MIN_BPE_VOCAB} for byte-level BPE (256 byte "
+                         "symbols + 4 special tokens); set --model.vocab_size")
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    tok.train_from_iterator(docs, trainer, length=len(docs) if length is None else length)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", BOS_ID), ("<eos>", EOS_ID)])
+    return tok
+
+
+def load_tokenizer(path: str, vocab_size: int) -> tokenizers.Tokenizer:
+    """Load a tokenizer.json and check it has the contract's special-token ids and fits `vocab_size`."""
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ForgeError(f"could not load tokenizer {str(path)!r} ({one_line(exc)}); pass a tokenizers "
+                         "tokenizer.json") from exc
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    if ids != list(range(len(SPECIAL_TOKENS))):
+        raise ForgeError(f"tokenizer {str(path)!r} has special ids {dict(zip(SPECIAL_TOKENS, ids))}, expected "
+                         "<pad>=0 <unk>=1 <bos>=2 <eos>=3; retrain it with forge_ds or omit --data.tokenizer")
+    if tok.get_vocab_size() > vocab_size:
+        raise ForgeError(f"tokenizer {str(path)!r} has {tok.get_vocab_size()} tokens, more than vocab_size="
+                         f"{vocab_size}; raise --model.vocab_size or use a smaller tokenizer")
+    return tok
+
+
+def texts_by_row(table, rows, progress=None):
+    """The documents at `rows` of a one-column Arrow-backed dataset, in that order, read a batch at a time."""
+    for start in range(0, len(rows), READ_BATCH):
+        texts = table[rows[start:start + READ_BATCH].tolist()][table.column_names[0]]
+        if progress is not None:
+            progress.update(sum(len(t.encode("utf-8", "surrogatepass")) for t in texts))
+        yield from texts
+
+
+def _train_from_rows(table_files, field, rows, vocab_size, out_path, show_progress) -> int:
+    from tqdm import tqdm
+
+    from forge_ds.encode import open_table
+
+    table = open_table(table_files, field)
+    with tqdm(desc="tokenizer sample", unit="B", unit_scale=True, disable=not show_progress,
+              total=None) as bar:
+        tok = train_tokenizer(texts_by_row(table, rows, bar), vocab_size, show_progress, length=len(rows))
+    tok.save(str(out_path))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(conn, *args) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    try:
+        conn.send(("ok", _train_from_rows(*args)))
+    except ForgeError as exc:
+        conn.send(("error", str(exc)))
+
+
+def train_on_sample(table_files: list[str], field: str, rows, sample_bytes: int, vocab_size: int, out_path: Path,
+                    show_progress: bool) -> int:
+    """Train on the documents at `rows` and save to `out_path`; returns the training's peak RSS in bytes (of this
+    process when trained here: then it is an upper bound)."""
+    if sample_bytes <= IN_PROCESS_SAMPLE_BYTES:
+        return _train_from_rows(table_files, field, rows, vocab_size, out_path, show_progress)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizers' threads
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, table_files, field, rows, vocab_size, out_path, show_progress))
+    proc.start()
+    try:
+        while not parent.poll(0.2):
+            if not proc.is_alive() and not parent.poll():
+                raise RuntimeError(f"tokenizer training process died (exit code {proc.exitcode})")
+        status, value = parent.recv()
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+    if status == "error":
+        raise ForgeError(value)
+    return value
