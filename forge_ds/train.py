@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from forge_ds import checkpoint, data, distributed, ds_config, export, prepare, universal
+from forge_ds import checkpoint, data, distributed, ds_config, export, prepare, shared_dirs, universal
 from forge_ds.config import Config, modularforge_yaml, to_yaml
 from forge_ds.errors import ForgeError, TrainingDiverged
 from forge_ds.metrics import Metrics, flops_per_token, peak_flops
@@ -206,6 +206,7 @@ def setup(cfg: Config, opts: RunOptions, env: distributed.Env, notes: list[str])
         on_main(lambda: checkpoint.verify_manifest(resume_from))
 
     prepared = on_main(lambda: prepare.for_config(cfg))
+    shared_dirs.check_same_dirs(run=run_dir, prepared_data=prepared)
     meta = data.read_meta(prepared)
     data.check_fits(prepared, cfg.model.max_seq_len)
     train_windows = data.TokenWindows(prepared / "train.bin", cfg.model.max_seq_len)
