@@ -1,8 +1,10 @@
 """Peak memory of a process tree, sampled from /proc: what a memory limit would have to hold.
 
-Two figures per sample, summed over the process and its descendants: VmRSS (everything resident, including pages
-of memory-mapped files, which the kernel can drop and re-read under a limit) and RssAnon (anonymous memory only,
-which it cannot drop without swap). ru_maxrss is no use for the sum: it is the largest single process's peak.
+Two figures per sample, summed over the process and its descendants from /proc/<pid>/smaps_rollup: Pss (everything
+resident, including pages of memory-mapped files, which the kernel can drop and re-read under a limit) and Pss_Anon
+(anonymous memory only, which it cannot drop without swap). Proportional set sizes, not RSS: a child that a library
+forks (to run `uname`, say) shares its parent's pages, and summed RSS would count them twice. ru_maxrss is no use
+for a tree: it is the largest single process's peak.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import time
 from pathlib import Path
 
 
+KEYS = ("Pss", "Pss_Anon")
+
+
 def _status_kb(pid: int) -> dict[str, int]:
     out = {}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon"):
+            if key in KEYS:
                 out[key] = int(value.split()[0])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
+    except (OSError, ValueError):  # ended between listing and reading
         pass
     return out
 
@@ -33,14 +38,14 @@ def _tree(pid: int) -> list[int]:
         try:
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:
             pass
     return pids
 
 
 def tree_rss(pid: int) -> dict[str, int]:
-    """Bytes resident now in `pid` and its descendants: {'VmRSS': ..., 'RssAnon': ...}."""
-    total = {"VmRSS": 0, "RssAnon": 0}
+    """Bytes resident now in `pid` and its descendants: {'Pss': ..., 'Pss_Anon': ...}."""
+    total = dict.fromkeys(KEYS, 0)
     for p in _tree(pid):
         for key, kb in _status_kb(p).items():
             total[key] += kb * 1024
@@ -52,7 +57,7 @@ class PeakSampler:
 
     def __init__(self, pid: int, interval: float = 0.02):
         self.pid, self.interval = pid, interval
-        self.peak = {"VmRSS": 0, "RssAnon": 0}
+        self.peak = dict.fromkeys(KEYS, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

@@ -8,6 +8,8 @@ runs in Rust and does not look at Python signals).
 from __future__ import annotations
 
 import resource
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import tokenizers
@@ -18,7 +20,7 @@ from forge_ds.sources import one_line
 from forge_ds.tokens import BOS_ID, EOS_ID, MIN_BPE_VOCAB, SPECIAL_TOKENS
 
 IN_PROCESS_SAMPLE_BYTES = 8 << 20  # smaller samples train in a few seconds: not worth a child's start-up
-READ_BATCH = 1_000  # documents read from the Arrow table at a time
+READ_BATCH = 256  # documents read (and encoded) at a time: tokenizers holds ~80 bytes per token of a batch
 
 
 def train_tokenizer(docs, vocab_size: int, show_progress: bool = False, length: int | None = None
@@ -56,6 +58,23 @@ def load_tokenizer(path: str, vocab_size: int) -> tokenizers.Tokenizer:
     return tok
 
 
+@contextmanager
+def children_deaf_to_ctrl_c():
+    """Processes started inside inherit a blocked SIGINT and ignore it once they run (ignore_ctrl_c): a Ctrl-C,
+    which reaches the whole process group, then stops only this process, which ends them, instead of printing a
+    traceback from each one still importing."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def texts_by_row(table, rows, progress=None):
     """The documents at `rows` of a one-column Arrow-backed dataset, in that order, read a batch at a time."""
     for start in range(0, len(rows), READ_BATCH):
@@ -79,9 +98,7 @@ def _train_from_rows(table_files, field, rows, vocab_size, out_path, show_progre
 
 
 def _child(conn, *args) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    ignore_ctrl_c()
     try:
         conn.send(("ok", _train_from_rows(*args)))
     except ForgeError as exc:
@@ -99,7 +116,8 @@ def train_on_sample(table_files: list[str], field: str, rows, sample_bytes: int,
     ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizers' threads
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, table_files, field, rows, vocab_size, out_path, show_progress))
-    proc.start()
+    with children_deaf_to_ctrl_c():
+        proc.start()
     try:
         while not parent.poll(0.2):
             if not proc.is_alive() and not parent.poll():

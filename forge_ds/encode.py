@@ -6,13 +6,12 @@ does not depend on how many workers there were.
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from forge_ds.bpe import READ_BATCH
+from forge_ds.bpe import READ_BATCH, children_deaf_to_ctrl_c, ignore_ctrl_c
 
 _worker: dict = {}  # per process: the opened table, the tokenizer and the token dtype
 
@@ -48,9 +47,10 @@ def init_worker(table_files: list[str], field: str, tokenizer_path: str, dtype: 
     import tokenizers
 
     if in_pool:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool on Ctrl-C
-        # One thread per worker: the workers are the parallelism, tokenizers' own pool would oversubscribe.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        ignore_ctrl_c()  # the parent stops the pool on Ctrl-C
+    # One thread per process, so num_proc means cores: tokenizers' own thread pool would oversubscribe the workers,
+    # and in a single process its per-thread allocations make the peak memory vary from run to run by ~100 MB.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker.update(table=open_table(table_files, field), tok=tokenizers.Tokenizer.from_file(tokenizer_path),
                    dtype=np.dtype(dtype))
 
@@ -97,7 +97,9 @@ def run_shards(tasks: list[ShardTask], num_proc: int, init_args: tuple, progress
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # forking a process that used tokenizers' thread pool can deadlock it
-    with ctx.Pool(min(num_proc, len(todo)), initializer=init_worker, initargs=(*init_args, True)) as pool:
+    with children_deaf_to_ctrl_c():
+        pool = ctx.Pool(min(num_proc, len(todo)), initializer=init_worker, initargs=(*init_args, True))
+    with pool:
         try:
             for done in pool.imap_unordered(encode_shard, todo):
                 if progress is not None:

@@ -21,7 +21,8 @@ from forge_ds.errors import ForgeError
 # CPython 3.11.7's pydoc help topics, shipped: each Python release regenerates them, so reading the running
 # interpreter's would give every Python a different "default corpus" (and docs/QUALITY.md's figures only on 3.11.7).
 PYDOC_CORPUS = Path(__file__).parent / "corpus" / "pydoc_topics-3.11.7.json.gz"
-SCAN_BATCH = 10_000  # rows per filter batch: a few MB of text for typical documents
+SCAN_BATCH = 1_000  # rows per filter batch: about a MB of text for typical documents
+READ_CHUNK = 1 << 20  # bytes the text/json builders read at a time (their default, 10 MB, costs ~60 MB of RAM)
 
 
 def one_line(exc: BaseException) -> str:
@@ -96,7 +97,7 @@ def _load_local(builder: str, files: list[Path], cache_dir: Path, **kwargs):
 
     try:
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
-                                     cache_dir=str(cache_dir), **kwargs)
+                                     cache_dir=str(cache_dir), chunksize=READ_CHUNK, **kwargs)
     except Exception as exc:  # a malformed user file surfaces as many different exception types
         where = _first_bad_jsonl_line(files[0]) if builder == "json" else None
         raise ForgeError(where or f"could not read {', '.join(map(str, files[:3]))} with the {builder!r} loader "
