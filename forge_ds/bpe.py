@@ -75,23 +75,23 @@ def ignore_ctrl_c() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def texts_by_row(table, rows, progress=None):
-    """The documents at `rows` of a one-column Arrow-backed dataset, in that order, read a batch at a time."""
+def texts_by_row(docs, rows, progress=None):
+    """The documents at `rows` of an encode.ArrowDocs, in that order, read a batch at a time."""
     for start in range(0, len(rows), READ_BATCH):
-        texts = table[rows[start:start + READ_BATCH].tolist()][table.column_names[0]]
+        texts = docs.texts(rows[start:start + READ_BATCH])
         if progress is not None:
             progress.update(sum(len(t.encode("utf-8", "surrogatepass")) for t in texts))
         yield from texts
 
 
-def _train_from_rows(table_files, field, rows, vocab_size, out_path, show_progress) -> int:
+def _train_from_rows(table_files, field, rows, sample_bytes, vocab_size, out_path, show_progress) -> int:
     from tqdm import tqdm
 
     from forge_ds.encode import open_table
 
     table = open_table(table_files, field)
-    with tqdm(desc="tokenizer sample", unit="B", unit_scale=True, disable=not show_progress,
-              total=None) as bar:
+    with tqdm(desc="tokenizer sample", unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
+              total=sample_bytes) as bar:
         tok = train_tokenizer(texts_by_row(table, rows, bar), vocab_size, show_progress, length=len(rows))
     tok.save(str(out_path))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -110,12 +110,13 @@ def train_on_sample(table_files: list[str], field: str, rows, sample_bytes: int,
     """Train on the documents at `rows` and save to `out_path`; returns the training's peak RSS in bytes (of this
     process when trained here: then it is an upper bound)."""
     if sample_bytes <= IN_PROCESS_SAMPLE_BYTES:
-        return _train_from_rows(table_files, field, rows, vocab_size, out_path, show_progress)
+        return _train_from_rows(table_files, field, rows, sample_bytes, vocab_size, out_path, show_progress)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizers' threads
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, table_files, field, rows, vocab_size, out_path, show_progress))
+    proc = ctx.Process(target=_child, args=(child, table_files, field, rows, sample_bytes, vocab_size, out_path,
+                                            show_progress))
     with children_deaf_to_ctrl_c():
         proc.start()
     try:

@@ -136,8 +136,7 @@ def load_documents(source: str, text_field: str = "text", min_article_length: in
     with tempfile.TemporaryDirectory(prefix="forge-ds-docs-") as tmp:
         src = sources.open_source(source, text_field, Path(tmp))
         kept = sources.scan(src, min_article_length, max_articles)
-        table = src.ds.select_columns([src.text_field])
-        docs = Documents(bpe.texts_by_row(table, kept.rows))
+        docs = Documents(src.ds.select_columns([src.text_field])[kept.rows.tolist()][src.text_field])
     docs.non_utf8_documents = kept.non_utf8_documents
     return docs
 
@@ -182,6 +181,20 @@ def _stop_on_ctrl_c(work: Path):
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _datasets_bars(show: bool):
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    if enabled and not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled and not show:
+            datasets.enable_progress_bars()
 
 
 def _fresh_work(work: Path, out: Path, ident: dict) -> bool:
@@ -249,6 +262,7 @@ def _build(out: Path, ident: dict, opts: dict) -> dict:
     """Every step from the source to meta.json's content, resuming from what .work holds."""
     work, show = out / WORK, opts["show_progress"]
     _fresh_work(work, out, ident)
+    marks = [time.monotonic()]  # phase boundaries, for meta.json's "seconds" (this run's, not a resumed one's)
     src = sources.open_source(opts["source"], opts["text_field"], work / "arrow")
     with _bar("reading", show) as bar:
         kept = sources.scan(src, opts["min_article_length"], opts["max_articles"], bar)
@@ -256,21 +270,26 @@ def _build(out: Path, ident: dict, opts: dict) -> dict:
     order, n_val = split_order(len(kept.rows), opts["val_fraction"], opts["split_seed"])
     rows, nbytes = kept.rows[order], kept.nbytes[order]
     del order
+    marks.append(time.monotonic())
     given = opts["tokenizer_path"]
     sample = _tokenizer(out, work, files, src.text_field, rows[n_val:], nbytes[n_val:], given, opts)
+    marks.append(time.monotonic())
     dtype = token_dtype(opts["vocab_size"])
     splits = {"val": (rows[:n_val], nbytes[:n_val]), "train": (rows[n_val:], nbytes[n_val:])}
     tasks = {s: encode.plan_shards(work / "shards", s, r, b, SHARD_BYTES) for s, (r, b) in splits.items()}
     with _bar("encoding", show, total=int(nbytes.sum())) as bar:
         encode.run_shards(tasks["train"] + tasks["val"], opts["num_proc"],
                           (files, src.text_field, str(out / "tokenizer.json"), dtype.name), bar)
+    marks.append(time.monotonic())
     tokens = {s: _concatenate(tasks[s], out / f"{s}.bin", dtype.itemsize) for s in ("train", "val")}
+    marks.append(time.monotonic())
     vocab_learned = bpe.load_tokenizer(str(out / "tokenizer.json"), opts["vocab_size"]).get_vocab_size()
     return dict(source=opts["source"], source_identity=ident, tokenizer_sha256=sha256_file(out / "tokenizer.json"),
                 vocab_size=opts["vocab_size"], vocab_learned=vocab_learned, dtype=dtype.name,
                 n_documents={"train": len(rows) - n_val, "val": n_val}, train_tokens=tokens["train"],
                 val_tokens=tokens["val"], non_utf8_documents=kept.non_utf8_documents,
                 text_bytes=int(nbytes.sum()), **sample,
+                seconds=dict(zip(("read", "tokenizer", "encode", "concatenate"), np.diff(marks).round(2).tolist())),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -295,7 +314,7 @@ def prepare(source, *, vocab_size, text_field="text", val_fraction=0.1, split_se
     opts = dict(locals(), num_proc=max(1, int(num_proc)))
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with _exclusive(out, show_progress), _stop_on_ctrl_c(out / WORK):
+    with _exclusive(out, show_progress), _stop_on_ctrl_c(out / WORK), _datasets_bars(show_progress):
         if (out / "meta.json").exists():  # the job we waited for made it
             _check_existing(out, ident)
             return out
