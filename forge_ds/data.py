@@ -17,7 +17,7 @@ import torch
 
 from forge_ds.errors import ForgeError
 from forge_ds.files import sha256_file
-from forge_ds.tokens import BOS_ID, EOS_ID, SPECIAL_TOKENS, file_dtype  # noqa: F401 (BOS/EOS: evaluate.py's)
+from forge_ds.tokens import BOS_ID, EOS_ID, SPECIAL_TOKENS, file_dtype  # noqa: F401 (the ids readers use)
 
 _CHUNK = 1 << 24  # tokens per chunk when streaming a .bin (bounds RAM on big corpora)
 

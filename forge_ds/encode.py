@@ -54,7 +54,7 @@ def encode_texts(tok, texts: list[str], dtype) -> np.ndarray:
     # Match literal "<eos>" etc. in document text as plain bytes, not as special ids: a doc about HTML must not
     # inject document boundaries. The flag is not saved in tokenizer.json, so it is set on every tokenizer we use.
     tok.encode_special_tokens = True
-    encs = tok.encode_batch_fast(texts)  # no character offsets (unused); the post-processor wraps each as <bos> ... <eos>
+    encs = tok.encode_batch_fast(texts)  # without character offsets (unused); each wrapped as <bos> ... <eos>
     if not encs:
         return np.zeros(0, dtype=dtype)
     return np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encs])

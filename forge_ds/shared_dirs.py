@@ -35,15 +35,16 @@ def check_same_dirs(**folders: Path) -> None:
             Path(folder).mkdir(parents=True, exist_ok=True)
             (Path(folder) / f"{MARK}-{nonce}").write_text(nonce)
     distributed.barrier()
-    seen = distributed.gather_object((socket.gethostname(), {name: _sees(Path(f), nonce)
-                                                             for name, f in folders.items()}))
+    views = {name: (_sees(Path(f), nonce), str(Path(f).resolve())) for name, f in folders.items()}
+    seen = distributed.gather_object((socket.gethostname(), views))
     if distributed.is_main():
         for folder in folders.values():
             (Path(folder) / f"{MARK}-{nonce}").unlink(missing_ok=True)
-    blind = [(rank, host, name) for rank, (host, views) in enumerate(seen) for name, ok in views.items() if not ok]
+    blind = [(rank, host, name, where) for rank, (host, views) in enumerate(seen)
+             for name, (ok, where) in views.items() if not ok]
     if blind:
-        rank, host, name = blind[0]
-        raise ForgeError(f"rank {rank} (host {host}) does not see the {name} directory {str(folders[name])!r} that "
-                         f"rank 0 wrote{f' (and {len(blind) - 1} more such views)' if len(blind) > 1 else ''}; "
-                         "put --output_dir and --data.prepared_dir on a filesystem every node mounts at the same "
-                         "path (absolute paths)")
+        rank, host, name, where = blind[0]
+        more = f" (and {len(blind) - 1} more such views)" if len(blind) > 1 else ""
+        raise ForgeError(f"rank {rank} (host {host}) does not see the {name} directory that rank 0 wrote into "
+                         f"{seen[0][1][name][1]!r}: it looks in {where!r}{more}; put --output_dir and "
+                         "--data.prepared_dir on a filesystem every node mounts at the same path (absolute paths)")

@@ -60,12 +60,12 @@ def measured(corpora):
 
 
 def test_peak_memory_grows_by_less_than_half_the_corpus(corpora, measured):
-    # Anonymous memory (proportional: a forked helper's shared pages count once): the memory-mapped Arrow cache's pages are page cache, which a memory limit reclaims. The
-    # small corpus's peak is the baseline: imports, the tokenizer sample and the encoder's buffers, which do not
-    # grow with the corpus.
+    # Anonymous memory, proportional (a forked helper's shared pages count once): the memory-mapped Arrow cache's
+    # pages are page cache, which a memory limit reclaims. The small corpus's peak is the baseline: imports, the
+    # tokenizer sample and the encoder's buffers, which do not grow with the corpus.
     _, sizes = corpora
     growth = measured["big"]["Pss_Anon"] - measured["small"]["Pss_Anon"]
-    print(f"peaks {measured}, growth {growth / MB:.1f} MiB for {(sizes['big'] - sizes['small']) / MB:.1f} MiB more text")
+    print(f"peaks {measured}, growth {growth / MB:.1f} MiB for {(sizes['big'] - sizes['small']) / MB:.1f} MiB text")
     assert growth <= 0.5 * (sizes["big"] - sizes["small"]), (measured, sizes)
 
 
