@@ -7,8 +7,12 @@ runs in Rust and does not look at Python signals).
 
 from __future__ import annotations
 
+import json
+import pickle
 import resource
 import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,37 +101,46 @@ def _train_from_rows(table_files, field, rows, sample_bytes, vocab_size, out_pat
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _child(conn, *args) -> None:
+def start_python(call: str, **popen) -> subprocess.Popen:
+    """A plain interpreter running `call` from this checkout's forge_ds, deaf to Ctrl-C. Not multiprocessing:
+    its spawn would import the parent's main module, the CLI, hence torch (150 MB and seconds per child)."""
+    root = str(Path(__file__).resolve().parents[1])
+    with children_deaf_to_ctrl_c():
+        return subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); {call}"], **popen)
+
+
+def train_child() -> None:
+    """The child side of train_on_sample: arguments as a pickle on stdin, the outcome as JSON beside the output."""
     ignore_ctrl_c()
+    args = pickle.load(sys.stdin.buffer)
     try:
-        conn.send(("ok", _train_from_rows(*args)))
+        outcome = {"peak": _train_from_rows(*args)}
     except ForgeError as exc:
-        conn.send(("error", str(exc)))
+        outcome = {"error": str(exc)}
+    Path(f"{args[-2]}.outcome").write_text(json.dumps(outcome))
 
 
 def train_on_sample(table_files: list[str], field: str, rows, sample_bytes: int, vocab_size: int, out_path: Path,
                     show_progress: bool) -> int:
     """Train on the documents at `rows` and save to `out_path`; returns the training's peak RSS in bytes (of this
     process when trained here: then it is an upper bound)."""
+    args = (table_files, field, rows, sample_bytes, vocab_size, out_path, show_progress)
     if sample_bytes <= IN_PROCESS_SAMPLE_BYTES:
-        return _train_from_rows(table_files, field, rows, sample_bytes, vocab_size, out_path, show_progress)
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # no fork of a process that may hold tokenizers' threads
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, table_files, field, rows, sample_bytes, vocab_size, out_path,
-                                            show_progress))
-    with children_deaf_to_ctrl_c():
-        proc.start()
+        return _train_from_rows(*args)
+    proc = start_python("from forge_ds.bpe import train_child; train_child()", stdin=subprocess.PIPE)
     try:
-        while not parent.poll(0.2):
-            if not proc.is_alive() and not parent.poll():
-                raise RuntimeError(f"tokenizer training process died (exit code {proc.exitcode})")
-        status, value = parent.recv()
+        pickle.dump(args, proc.stdin)
+        proc.stdin.close()
+        code = proc.wait()  # Ctrl-C interrupts the wait here; the child, deaf to it, is killed below
     finally:
-        if proc.is_alive():
-            proc.terminate()
-        proc.join()
-    if status == "error":
-        raise ForgeError(value)
-    return value
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    outcome_file = Path(f"{out_path}.outcome")
+    if code != 0 or not outcome_file.is_file():
+        raise RuntimeError(f"tokenizer training process failed (exit code {code})")
+    outcome = json.loads(outcome_file.read_text())
+    outcome_file.unlink()
+    if "error" in outcome:
+        raise ForgeError(outcome["error"])
+    return outcome["peak"]

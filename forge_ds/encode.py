@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forge_ds.bpe import READ_BATCH, children_deaf_to_ctrl_c, ignore_ctrl_c
+from forge_ds.bpe import READ_BATCH, ignore_ctrl_c, start_python
 
 _worker: dict = {}  # per process: the opened table, the tokenizer and the token dtype
 
@@ -115,9 +115,8 @@ def run_shards(tasks: list[ShardTask], num_proc: int, init_args: tuple, progress
 
 
 def serve() -> None:
-    """A worker process: the init arguments, then shard tasks, as pickles on stdin; a pickle per finished shard
-    on stdout. Started as a plain interpreter, not through multiprocessing, whose spawn would import the parent's
-    main module (the CLI, hence torch: 150 MB per worker)."""
+    """A worker process (bpe.start_python): the init arguments, then shard tasks, as pickles on stdin; a pickle
+    per finished shard on stdout."""
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     init_worker(*pickle.load(inp), in_pool=True)
     while True:
@@ -130,11 +129,8 @@ def serve() -> None:
 
 
 def _run_in_workers(todo: list[ShardTask], n: int, init_args: tuple, progress) -> None:
-    start = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); " \
-            "from forge_ds.encode import serve; serve()"
-    with children_deaf_to_ctrl_c():
-        procs = [subprocess.Popen([sys.executable, "-c", start], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-                 for _ in range(n)]
+    procs = [start_python("from forge_ds.encode import serve; serve()", stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE) for _ in range(n)]
     pending, busy = list(reversed(todo)), {}
 
     def give(proc) -> None:
