@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from forge_ds import checkpoint, data, distributed, prepare
@@ -116,7 +115,7 @@ def _prepared_split(cfg: Config, split: str, tokenizer_sha: str) -> Optional[Pat
     try:
         folder = Path(d.prepared_dir) if d.prepared_dir else Path("data/prepared") / prepare.prepared_key(
             prepare.source_identity(d.source, d.text_field, d.min_article_length, d.max_articles, cfg.model.vocab_size,
-                                 d.val_fraction, d.split_seed, d.tokenizer, d.tokenizer_train_bytes))
+                                    d.val_fraction, d.split_seed, d.tokenizer, d.tokenizer_train_bytes))
         if (folder / "meta.json").is_file() and data.read_meta(folder)["tokenizer_sha256"] == tokenizer_sha:
             return folder / f"{split}.bin"
     except (ForgeError, OSError, KeyError):

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
