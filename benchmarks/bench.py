@@ -567,9 +567,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.run_dir = str(workdir / "run")
     args.json = str(Path(args.json).resolve()) if args.json else str(workdir / "bench.json")
     # Tokenize once, outside every timing (the one-time cost a real job pays in `forge-ds prepare`).
-    from forge_ds import data
+    from forge_ds import prepare
 
-    data.prepare("builtin:pydoc", vocab_size=args.vocab, prepared_dir=args.prepared_dir, show_progress=False)
+    prepare.prepare("builtin:pydoc", vocab_size=args.vocab, prepared_dir=args.prepared_dir, show_progress=False)
     child = argv + [  # argparse keeps the last of repeated flags
         f"--run_dir={args.run_dir}", f"--prepared_dir={args.prepared_dir}", f"--json={args.json}"]
     started = time.time()

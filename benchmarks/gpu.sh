@@ -50,8 +50,8 @@ python3 -c 'from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuil
 build=$!
 tokenise=()
 for v in 50304 16384; do
-  python3 -c "import sys; sys.path.insert(0, '.'); from forge_ds import data
-data.prepare('builtin:pydoc', vocab_size=$v, prepared_dir='$work/bench/prepared-v$v', show_progress=False)" &
+  python3 -c "import sys; sys.path.insert(0, '.'); from forge_ds import prepare
+prepare.prepare('builtin:pydoc', vocab_size=$v, prepared_dir='$work/bench/prepared-v$v', show_progress=False)" &
   tokenise+=($!)
 done
 wait "${tokenise[@]}"

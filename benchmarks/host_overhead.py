@@ -106,9 +106,9 @@ def main(argv=None) -> dict:
         distributed.end_process(0)  # as `forge-ds train` ends: no teardown abort (-6) after the result is out
         return {}
 
-    from forge_ds import data
+    from forge_ds import prepare
 
-    data.prepare("builtin:pydoc", vocab_size=512, prepared_dir=str(workdir / "prepared"), show_progress=False)
+    prepare.prepare("builtin:pydoc", vocab_size=512, prepared_dir=str(workdir / "prepared"), show_progress=False)
     configs = variants(workdir)
     results: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(args.rounds):

@@ -167,11 +167,11 @@ def rank_main(args) -> None:
 def measure(shape: str, ranks: int, stages: list[str], workdir: Path, precision: str, steps: int,
             threads: int) -> list[list[dict]]:
     """Run the measuring ranks; every rank's results, stage by stage."""
-    from forge_ds import data
+    from forge_ds import prepare
 
     prepared = workdir / f"prepared-v{SHAPES[shape]['vocab_size']}"
-    data.prepare("builtin:pydoc", vocab_size=SHAPES[shape]["vocab_size"], prepared_dir=str(prepared),
-                 show_progress=False)
+    prepare.prepare("builtin:pydoc", vocab_size=SHAPES[shape]["vocab_size"], prepared_dir=str(prepared),
+                    show_progress=False)
     out = workdir / f"measured-{shape}-{ranks}.json"
     cmd = [sys.executable, __file__, "--_rank_child", "--shape", shape, "--precision", precision, "--steps",
            str(steps), "--threads", str(threads), "--workdir", str(workdir), "--prepared_dir", str(prepared),

@@ -57,12 +57,13 @@ MODULARFORGE_REFERENCE = {"modularforge": {600: [6.304, 6.306], 1500: [5.445, 5.
 def unigram_lines(prepared: Path) -> dict:
     """Entropies (nats) that mark "predicts token frequencies and nothing more"."""
     from forge_ds import data
+    from forge_ds.tokens import file_dtype
 
-    train = np.fromfile(prepared / "train.bin", dtype=np.uint16)
-    val = np.fromfile(prepared / "val.bin", dtype=np.uint16)
+    train = np.fromfile(prepared / "train.bin", dtype=file_dtype(prepared / "train.bin"))
+    val = np.fromfile(prepared / "val.bin", dtype=file_dtype(prepared / "val.bin"))
     vocab = data.read_meta(prepared)["vocab_size"]
     counts = np.bincount(train, minlength=vocab).astype(np.float64)
-    # Add-one over the model's vocabulary (never over all 65536 uint16 ids: that would hand a third of the mass to
+    # Add-one over the model's vocabulary (never over all 65536 ids of a uint16 file: that would hand a third of the mass to
     # ids the model cannot emit), only so a validation token unseen in training has a finite cost.
     p_train = (counts + 1) / (counts.sum() + len(counts))
     # The loss scores targets, i.e. every token but a window's first; the stream is close enough to that.

@@ -82,12 +82,12 @@ def check(**flags) -> None:
 def prepare(config: Optional[str] = None, **overrides) -> None:
     """Read the corpus, train (or reuse) the tokenizer, write the token files; prints the prepared folder."""
     from forge_ds import data
-    from forge_ds.preflight import prepare_data
+    from forge_ds import prepare as preparation
 
     cfg, notes = config_mod.resolve(None if config is None else str(config), overrides)
     for note in notes:
         print(note)
-    prepared = prepare_data(cfg)
+    prepared = preparation.for_config(cfg)
     meta = data.read_meta(prepared)
     print(f"prepared: {prepared} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
           f"vocab learned {meta['vocab_learned']})")
@@ -268,7 +268,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = 3
     except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C: one line, what was kept, no traceback
         if launch_env.user_error_speaker() is not None:
-            print(f"forge-ds: {str(e) or 'stopped by Ctrl-C; nothing half-written was kept'}", file=sys.stderr, flush=True)
+            line = str(e) or "stopped by Ctrl-C; nothing half-written was kept"
+            print(f"forge-ds: {line}", file=sys.stderr, flush=True)
         code = 130
     except BrokenPipeError:  # `forge-ds train --help | head`: the reader left, nothing more to say
         code = 0

@@ -59,8 +59,7 @@ class TrainingConfig(_Section):
     recipe: Literal["balanced", "modularforge"] = "balanced"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # worker processes for tokenizing the corpus and for preparing batches ahead of the step
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # processes preparing batches ahead of the step (tokenizing: data.num_proc)
     compile: bool = False
     activation_checkpointing: bool = False
     max_skipped_steps: int = Field(20, ge=0)  # fp16 overflow steps in a row before we call it divergence
@@ -75,6 +74,8 @@ class DataConfig(_Section):
     prepared_dir: Optional[str] = None
     min_article_length: int = Field(0, ge=0)
     max_articles: Optional[int] = Field(None, ge=1)
+    tokenizer_train_bytes: int = Field(1 << 30, ge=1)  # the BPE sample bound; 1 GiB covers WikiText-103 whole
+    num_proc: Optional[int] = Field(None, ge=1)  # encoding processes; None: the cores this process may use, at run time
 
 
 class Config(_Section):
@@ -94,8 +95,6 @@ class Config(_Section):
         if m.vocab_size < 260 and d.tokenizer is None:  # checked here, not after data loading, to fail in seconds
             raise ValueError(f"model.vocab_size={m.vocab_size} is too small for the byte-level BPE forge_ds trains "
                              "(256 byte symbols + 4 special tokens); use at least 260, or give --data.tokenizer")
-        if m.vocab_size > 65536:
-            raise ValueError(f"model.vocab_size={m.vocab_size} does not fit the uint16 token files (max 65536)")
         return self
 
 

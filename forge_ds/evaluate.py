@@ -1,9 +1,9 @@
 """Evaluation: the loss of a model over token windows, during training (the engine) and offline (`forge-ds evaluate`:
 the FULL Phase-1 model, shared + dummy experts, back from a checkpoint).
 
-The export holds the shared subtree only (no FFNs), so offline evaluation (and sample.py) reads the DeepSpeed checkpoint instead: at ZeRO
-1-3 through DeepSpeed's own zero_to_fp32 (every rank's shards, fp32 masters, in one process), at ZeRO-0 from the
-module states; the frozen ffn_norm comes from frozen_params.safetensors and the position table from its formula,
+The export holds the shared subtree only (no FFNs), so offline evaluation (and sample.py) reads the DeepSpeed
+checkpoint instead: at ZeRO 1-3 through DeepSpeed's own zero_to_fp32 (every rank's shards, fp32 masters, in one
+process), at ZeRO-0 from the module states; the frozen ffn_norm comes from frozen_params.safetensors and the position table from its formula,
 as in the export. Offline it is plain torch, no engine: it runs alone or under any launcher (the ranks split the
 windows exactly as training's evaluation does and all-reduce two sums).
 """
@@ -20,16 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from forge_ds import checkpoint, data, distributed, faults, launch_env
+from forge_ds import checkpoint, data, distributed, faults, launch_env, prepare
 from forge_ds.config import Config
 from forge_ds.errors import ForgeError, describe
 from forge_ds.files import sha256_file
 from forge_ds.metrics import perplexity
 from forge_ds.model import SharedTrainingModel, sinusoidal_table
+from forge_ds.tokens import token_dtype
 
 SPLITS = ("val", "train", "all")
 
@@ -101,7 +101,7 @@ def load_run_tokenizer(ckpt: Path, cfg: Config, state: checkpoint.TrainState):
     if state.tokenizer_sha256 and sha256_file(path) != state.tokenizer_sha256:
         raise ForgeError(f"{path} differs from the tokenizer {ckpt.name} was trained with (sha256 in "
                          f"{checkpoint.STATE_FILE}); restore the run's tokenizer.json")
-    return data.load_tokenizer(str(path), cfg.model.vocab_size), path
+    return prepare.load_tokenizer(str(path), cfg.model.vocab_size), path
 
 
 @torch.no_grad()
@@ -157,9 +157,9 @@ def _prepared_split(cfg: Config, split: str, tokenizer_sha: str) -> Optional[Pat
     """The run's own prepared token file, when it is still where training left it (relative to this directory)."""
     d = cfg.data
     try:
-        folder = Path(d.prepared_dir) if d.prepared_dir else Path("data/prepared") / data.prepared_key(
-            data.source_identity(d.source, d.text_field, d.min_article_length, d.max_articles, cfg.model.vocab_size,
-                                 d.val_fraction, d.split_seed, d.tokenizer))
+        folder = Path(d.prepared_dir) if d.prepared_dir else Path("data/prepared") / prepare.prepared_key(
+            prepare.source_identity(d.source, d.text_field, d.min_article_length, d.max_articles, cfg.model.vocab_size,
+                                    d.val_fraction, d.split_seed, d.tokenizer, d.tokenizer_train_bytes))
         if (folder / "meta.json").is_file() and data.read_meta(folder)["tokenizer_sha256"] == tokenizer_sha:
             return folder / f"{split}.bin"
     except (ForgeError, OSError, KeyError):
@@ -168,14 +168,13 @@ def _prepared_split(cfg: Config, split: str, tokenizer_sha: str) -> Optional[Pat
 
 
 def _tokenize(cfg: Config, split: str, tok, out: Path) -> Path:
-    """The documents of one split (or all), encoded exactly as data.prepare encodes them, as a uint16 stream."""
+    """The documents of one split (or all), encoded exactly as prepare.prepare encodes them."""
     d = cfg.data
-    docs = data.load_documents(d.source, d.text_field, d.min_article_length, d.max_articles)
+    docs = prepare.load_documents(d.source, d.text_field, d.min_article_length, d.max_articles)
     if split != "all":
-        train_docs, val_docs = data.split_documents(docs, d.val_fraction, d.split_seed)
+        train_docs, val_docs = prepare.split_documents(docs, d.val_fraction, d.split_seed)
         docs = val_docs if split == "val" else train_docs
-    ids = data._encode_batch({"text": list(docs)}, tok)["ids"]
-    np.concatenate(ids).astype(np.uint16).tofile(out)
+    prepare.encode_documents(docs, tok, cfg.model.vocab_size).tofile(out)
     return out
 
 
@@ -214,10 +213,10 @@ def evaluate_checkpoint(path: str, batch_size: Optional[int] = None, max_batches
         tokenizer_sha = state.tokenizer_sha256 or sha256_file(tok_path)
         bin_path = (_prepared_split(cfg, split, tokenizer_sha) if own_data and split != "all" else None) \
             or _tokenize(cfg, split, tok, Path(tmp) / f"{split}.bin")
-        windows = data.TokenWindows(bin_path, cfg.model.max_seq_len)
+        windows = data.TokenWindows(bin_path, cfg.model.max_seq_len, token_dtype(cfg.model.vocab_size))
         batch = batch_size or cfg.training.batch_size
         loss = mean_loss(model, windows, batch, device, max_batches, progress=show and distributed.is_main())
-        unigram = data.unigram_entropy(bin_path)
+        unigram = data.unigram_entropy(bin_path, token_dtype(cfg.model.vocab_size))
         result = {"checkpoint": str(ckpt), "step": state.step, "zero_stage": state.zero_stage,
                   "source": cfg.data.source, "split": split, "tokens": windows.n_tokens, "windows": len(windows),
                   "seq_len": cfg.model.max_seq_len, "batch_size": batch, "max_batches": max_batches,

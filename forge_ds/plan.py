@@ -210,14 +210,15 @@ def corpus_tokens(cfg, tokens: Optional[int]) -> tuple[int, str]:
     corpus (stated as an assumption)."""
     from pathlib import Path
 
-    from forge_ds import data
+    from forge_ds import data, prepare
 
     d = cfg.data
     if tokens:
         return int(tokens), "--tokens"
-    ident = data.source_identity(d.source, d.text_field, d.min_article_length, d.max_articles, cfg.model.vocab_size,
-                                 d.val_fraction, d.split_seed, d.tokenizer)
-    prepared = Path(d.prepared_dir) if d.prepared_dir else Path("data/prepared") / data.prepared_key(ident)
+    ident = prepare.source_identity(d.source, d.text_field, d.min_article_length, d.max_articles,
+                                    cfg.model.vocab_size, d.val_fraction, d.split_seed, d.tokenizer,
+                                    d.tokenizer_train_bytes)
+    prepared = Path(d.prepared_dir) if d.prepared_dir else Path("data/prepared") / prepare.prepared_key(ident)
     if (prepared / "meta.json").is_file():
         return int(data.read_meta(prepared)["train_tokens"]), f"meta.json of {prepared}"
     path = Path(ident.get("path") or "")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from forge_ds import (checkpoint, data, distributed, ds_config, export, faults, launch_env, plan_auto, resume,
-                      runlock)
+from forge_ds import (checkpoint, data, distributed, ds_config, export, launch_env, plan_auto, prepare, resume,
+                      runlock, shared_dirs)
 from forge_ds.config import Config
 from forge_ds.errors import ForgeError
 from forge_ds.options import RunOptions
@@ -61,7 +60,9 @@ def preflight(cfg: Config, opts: RunOptions, env: launch_env.Env, world_size: in
         runlock.refuse_if_locked(run_dir)
     target, notes = find_resume_target(run_dir, opts, cfg)
     notes = ([auto] if auto else []) + notes
-    prepared = distributed.on_main(lambda: prepare_data(cfg, show_progress=training))
+    prepared = distributed.on_main(lambda: prepare.for_config(cfg, show_progress=training))
+    if training:  # checkpoints and data must be where every rank looks (one filesystem all nodes share)
+        shared_dirs.check_same_dirs(run=run_dir, prepared_data=prepared)
     meta = data.read_meta(prepared)
     export.check_init_tokenizer(opts.init_from, meta["tokenizer_sha256"])
     data.check_fits(prepared, cfg.model.max_seq_len)
@@ -176,22 +177,6 @@ def find_resume_target(run_dir: Path, opts: RunOptions, cfg: Config) -> tuple[Op
     notes = resume.compare_configs(checkpoint.saved_config(target), cfg, opts.allow_schedule_change)
     distributed.on_main(lambda: checkpoint.verify_manifest(target))
     return target, notes
-
-
-def prepare_data(cfg: Config, show_progress: bool = True) -> Path:
-    d = cfg.data
-    faults.point("prepare_data")  # tests: a slow rank 0 while the others wait
-    prepared = data.prepare(d.source, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
-                            val_fraction=d.val_fraction, split_seed=d.split_seed, tokenizer_path=d.tokenizer,
-                            min_article_length=d.min_article_length, max_articles=d.max_articles,
-                            prepared_dir=d.prepared_dir, num_proc=max(1, cfg.training.num_workers),
-                            show_progress=show_progress)
-    bad = data.read_meta(prepared).get("non_utf8_documents", 0)
-    if bad:  # printed on every run that uses these files, not only the one that made them
-        print(f"forge-ds: warning: {bad} document(s) of {d.source} held bytes that are not UTF-8, replaced by "
-              f"U+FFFD (counted as non_utf8_documents in {Path(prepared).resolve() / 'meta.json'})",
-              file=sys.stderr, flush=True)
-    return prepared
 
 
 def load_init_from(cfg: Config, init_from: str) -> dict:

@@ -81,9 +81,9 @@ def _check_state(target: Path, saved: TrainState, cfg: Config, ds: dict, global_
 SAFE_TRAINING_CHANGES = {"checkpoint_every", "log_every", "eval_every", "eval_max_batches", "keep_checkpoints",
                          "export", "num_workers", "max_skipped_steps"}
 SCHEDULE_FIELDS = {"max_steps", "epochs_shared"}
-# Where the prepared token files live is a cache location: a folder holding other data is refused by data.prepare
+# Where the prepared token files live is a cache location: a folder holding other data is refused by prepare.prepare
 # (its identity differs) and another tokenizer by the tokenizer sha256 check, so moving the cache is safe.
-SAFE_DATA_CHANGES = {"prepared_dir"}
+SAFE_DATA_CHANGES = {"prepared_dir", "num_proc"}  # num_proc: how fast, not what
 # batch_size / accumulation may change only with the world size, holding the global batch (checked by the caller).
 BATCH_FIELDS = {"batch_size", "gradient_accumulation_steps"}
 

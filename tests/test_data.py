@@ -21,7 +21,7 @@ import tokenizers
 import torch
 from pydoc_data.topics import topics
 
-from forge_ds import data
+from forge_ds import data, prepare, sources
 from forge_ds.errors import ForgeError
 
 VOCAB = 2048
@@ -29,13 +29,13 @@ VOCAB = 2048
 
 @pytest.fixture(scope="module")
 def pydoc_split():
-    docs = data.load_documents("builtin:pydoc")
-    return data.split_documents(docs, 0.1, 0)
+    docs = prepare.load_documents("builtin:pydoc")
+    return prepare.split_documents(docs, 0.1, 0)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(pydoc_split):
-    return data.train_tokenizer(pydoc_split[0], VOCAB)
+    return prepare.train_tokenizer(pydoc_split[0], VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def tokenizer_file(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared_pydoc(tokenizer_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
-    return data.prepare("builtin:pydoc", vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), root=str(root),
+    return prepare.prepare("builtin:pydoc", vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), root=str(root),
                         show_progress=False)
 
 
@@ -73,8 +73,8 @@ def split_stream(bin_path):
 
 
 def test_pydoc_documents_are_the_shipped_3_11_7_topics_in_sorted_key_order():
-    docs = data.load_documents("builtin:pydoc")
-    shipped = data.pydoc_topics()
+    docs = prepare.load_documents("builtin:pydoc")
+    shipped = sources.pydoc_topics()
     assert len(docs) == 79 and docs == [shipped[k] for k in sorted(shipped)]
     assert docs[0].startswith("The \"assert\" statement")  # topic "assert", first in key order
     if sys.version_info[:3] == (3, 11, 7):  # the file is that interpreter's own pydoc_data, unchanged
@@ -83,7 +83,7 @@ def test_pydoc_documents_are_the_shipped_3_11_7_topics_in_sorted_key_order():
 
 def test_split_is_random_0_shuffle_with_floor_fraction_held_out(pydoc_split):
     train, val = pydoc_split
-    shipped = data.pydoc_topics()
+    shipped = sources.pydoc_topics()
     expected = [shipped[k] for k in sorted(shipped)]
     random.Random(0).shuffle(expected)
     n_val = max(1, math.floor(len(shipped) * 0.1))
@@ -93,52 +93,52 @@ def test_split_is_random_0_shuffle_with_floor_fraction_held_out(pydoc_split):
 
 def test_split_needs_two_documents_and_holds_out_at_least_one():
     with pytest.raises(ForgeError, match="at least 2"):
-        data.split_documents(["only"], 0.1, 0)
-    train, val = data.split_documents(["a", "b", "c"], 0.01, 0)
+        prepare.split_documents(["only"], 0.1, 0)
+    train, val = prepare.split_documents(["a", "b", "c"], 0.01, 0)
     assert len(val) == 1 and len(train) == 2
 
 
 def test_pydoc_identity_names_the_shipped_corpus_not_the_interpreter():
-    ident = data.source_identity("builtin:pydoc", "text", 0, None, VOCAB, 0.1, 0, None)
+    ident = prepare.source_identity("builtin:pydoc", "text", 0, None, VOCAB, 0.1, 0, None)
     assert ident["corpus"] == "pydoc_topics-3.11.7.json.gz" and "python" not in ident
 
 
 def test_txt_file_yields_one_document_per_paragraph(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("first para\nline two\n\nsecond para\n\n\n   \n\nthird\n")
-    docs = data.load_documents(str(path))
+    docs = prepare.load_documents(str(path))
     assert [d.strip() for d in docs] == ["first para\nline two", "second para", "third"]
 
 
 def test_txt_dir_yields_one_document_per_file_sorted_by_name(tmp_path):
     for name, text in [("b.txt", "bee\n\nstill bee"), ("a.txt", "ay"), ("c.md", "ignored")]:
         (tmp_path / name).write_text(text)
-    assert data.load_documents(str(tmp_path)) == ["ay", "bee\n\nstill bee"]
+    assert prepare.load_documents(str(tmp_path)) == ["ay", "bee\n\nstill bee"]
 
 
 def test_jsonl_reads_text_field_and_filters(tmp_path):
     path = tmp_path / "c.jsonl"
     rows = [{"body": "short"}, {"body": "a longer document"}, {"body": "another long one"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert data.load_documents(str(path), text_field="body") == [r["body"] for r in rows]
-    assert data.load_documents(str(path), text_field="body", min_article_length=6) == [r["body"] for r in rows[1:]]
-    assert data.load_documents(str(path), text_field="body", max_articles=2) == [r["body"] for r in rows[:2]]
+    assert prepare.load_documents(str(path), text_field="body") == [r["body"] for r in rows]
+    assert prepare.load_documents(str(path), text_field="body", min_article_length=6) == [r["body"] for r in rows[1:]]
+    assert prepare.load_documents(str(path), text_field="body", max_articles=2) == [r["body"] for r in rows[:2]]
 
 
 def test_jsonl_missing_field_names_the_line(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"other": "c"}\n')
     with pytest.raises(ForgeError, match=r"line 4 .*'text'") as err:
-        data.load_documents(str(path))
+        prepare.load_documents(str(path))
     assert "\n" not in str(err.value)
 
 
 def test_save_to_disk_dir_and_datasetdict_use_train(tmp_path):
     datasets.Dataset.from_dict({"text": ["x one", "x two"]}).save_to_disk(str(tmp_path / "ds"))
-    assert data.load_documents(str(tmp_path / "ds")) == ["x one", "x two"]
+    assert prepare.load_documents(str(tmp_path / "ds")) == ["x one", "x two"]
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),
                           "test": datasets.Dataset.from_dict({"text": ["no"]})}).save_to_disk(str(tmp_path / "dd"))
-    assert data.load_documents(str(tmp_path / "dd")) == ["t1", "t2"]
+    assert prepare.load_documents(str(tmp_path / "dd")) == ["t1", "t2"]
 
 
 def test_user_mistakes_raise_one_line_forge_errors(tmp_path):
@@ -153,7 +153,7 @@ def test_user_mistakes_raise_one_line_forge_errors(tmp_path):
     ]
     for source, kwargs, needle in cases:
         with pytest.raises(ForgeError, match=needle) as err:
-            data.load_documents(source, **kwargs)
+            prepare.load_documents(source, **kwargs)
         assert "\n" not in str(err.value), source
 
 
@@ -171,7 +171,7 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, kind):
     else:
         source = tmp_path / "c.jsonl"
         source.write_bytes(b'{"text": "' + good.encode() + b'"}\n{"text": "' + bad + b'"}\n')
-    docs = data.load_documents(str(source))
+    docs = prepare.load_documents(str(source))
     assert [d.strip() for d in docs] == [good, "caf\ufffd latin-1 bytes"]
     assert docs.non_utf8_documents == 1
 
@@ -195,23 +195,23 @@ def test_tokenizer_json_reloads_with_from_file(tokenizer, tokenizer_file):
     again = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     text = "The with statement"
     assert again.encode(text).ids == tokenizer.encode(text).ids
-    assert data.load_tokenizer(str(tokenizer_file), VOCAB).get_vocab_size() == tokenizer.get_vocab_size()
+    assert prepare.load_tokenizer(str(tokenizer_file), VOCAB).get_vocab_size() == tokenizer.get_vocab_size()
 
 
 def test_load_tokenizer_rejects_too_big_vocab_and_wrong_specials(tokenizer_file, tmp_path):
     with pytest.raises(ForgeError, match="tokenizer.json"):
-        data.load_tokenizer(str(tokenizer_file), 300)
+        prepare.load_tokenizer(str(tokenizer_file), 300)
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.add_special_tokens(["<unk>", "<pad>", "<bos>", "<eos>"])  # <pad> and <unk> swapped
     bad = tmp_path / "bad.json"
     tok.save(str(bad))
     with pytest.raises(ForgeError, match="bad.json"):
-        data.load_tokenizer(str(bad), VOCAB)
+        prepare.load_tokenizer(str(bad), VOCAB)
 
 
 def test_train_tokenizer_rejects_vocab_that_cannot_hold_the_byte_alphabet():
     with pytest.raises(ForgeError, match="vocab_size=100"):
-        data.train_tokenizer(["abc abc"], 100)
+        prepare.train_tokenizer(["abc abc"], 100)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -231,7 +231,7 @@ def test_prepared_bins_decode_back_to_the_split_documents(prepared_pydoc, pydoc_
 def test_literal_special_strings_in_text_are_not_document_boundaries(tmp_path, tokenizer_file, tokenizer):
     path = tmp_path / "c.txt"
     path.write_text("first doc mentions <eos> and <pad>\n\nsecond doc\n\nthird doc\n")
-    out = data.prepare(str(path), vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), val_fraction=0.3,
+    out = prepare.prepare(str(path), vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), val_fraction=0.3,
                        root=str(tmp_path / "p"), show_progress=False)
     docs = [tokenizer.decode(ids) for b in ("train.bin", "val.bin") for ids in split_stream(out / b)]
     assert sorted(d.strip() for d in docs) == ["first doc mentions <eos> and <pad>", "second doc", "third doc"]
@@ -241,14 +241,14 @@ def test_prepare_trains_on_train_docs_reuses_complete_dir_and_keys_on_settings(t
     path = tmp_path / "c.txt"
     path.write_text("\n\n".join(f"document number {i} says hello to the world {i % 7}" for i in range(40)))
     kw = dict(root=str(tmp_path / "p"), show_progress=False)
-    first = data.prepare(str(path), vocab_size=300, **kw)
+    first = prepare.prepare(str(path), vocab_size=300, **kw)
     assert first.parent == tmp_path / "p"
-    assert first.name == data.prepared_key(data.source_identity(str(path), "text", 0, None, 300, 0.1, 0, None))
+    assert first.name == prepare.prepared_key(prepare.source_identity(str(path), "text", 0, None, 300, 0.1, 0, None))
     assert np.fromfile(first / "train.bin", dtype=np.uint16).max() < 300
     stamps = {f: (first / f).stat().st_mtime_ns for f in ("train.bin", "val.bin", "tokenizer.json", "meta.json")}
-    assert data.prepare(str(path), vocab_size=300, **kw) == first
+    assert prepare.prepare(str(path), vocab_size=300, **kw) == first
     assert stamps == {f: (first / f).stat().st_mtime_ns for f in stamps}
-    assert data.prepare(str(path), vocab_size=320, **kw) != first
+    assert prepare.prepare(str(path), vocab_size=320, **kw) != first
 
 
 def test_incomplete_dir_is_prepared_again(tmp_path, tokenizer_file):
@@ -257,7 +257,7 @@ def test_incomplete_dir_is_prepared_again(tmp_path, tokenizer_file):
     out = tmp_path / "explicit"
     out.mkdir()
     (out / "train.bin").write_bytes(b"junk")  # a crash before meta.json
-    data.prepare(str(path), vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), prepared_dir=str(out),
+    prepare.prepare(str(path), vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), prepared_dir=str(out),
                  show_progress=False)
     assert data.read_meta(out)["train_tokens"] * 2 == (out / "train.bin").stat().st_size
 
@@ -266,15 +266,15 @@ def test_explicit_prepared_dir_from_other_settings_is_refused(tmp_path, tokenize
     path = tmp_path / "c.txt"
     path.write_text("one doc\n\ntwo doc\n")
     kw = dict(tokenizer_path=str(tokenizer_file), prepared_dir=str(tmp_path / "x"), show_progress=False)
-    data.prepare(str(path), vocab_size=VOCAB, **kw)
+    prepare.prepare(str(path), vocab_size=VOCAB, **kw)
     with pytest.raises(ForgeError, match="different data or settings"):
-        data.prepare(str(path), vocab_size=VOCAB, split_seed=1, **kw)
+        prepare.prepare(str(path), vocab_size=VOCAB, split_seed=1, **kw)
 
 
 def test_read_meta_rejects_a_swapped_tokenizer(tmp_path, tokenizer_file):
     path = tmp_path / "c.txt"
     path.write_text("one doc\n\ntwo doc\n")
-    out = data.prepare(str(path), vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), root=str(tmp_path / "p"),
+    out = prepare.prepare(str(path), vocab_size=VOCAB, tokenizer_path=str(tokenizer_file), root=str(tmp_path / "p"),
                        show_progress=False)
     (out / "tokenizer.json").write_text((out / "tokenizer.json").read_text() + " ")
     with pytest.raises(ForgeError, match="tokenizer_sha256"):

@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import TINY, base_env, forge, free_port, read_metrics
 from ranks import RankResult, Ranks
-from forge_ds import data
+from forge_ds import data, prepare
 from forge_ds import engine as engine_mod
 from forge_ds.evaluate import get_batch
 from forge_ds.config import load_saved
@@ -87,7 +87,7 @@ def runs(tmp_path_factory, prepared_root, repetitive_corpus) -> dict[str, Run]:
     prepared = prepared_root / "monitoring"
     root_a, root_b = tmp_path_factory.mktemp("monitor-a"), tmp_path_factory.mktemp("monitor-b")
     # Prepared first, by one process: two runs tokenising into the same folder at once would race.
-    data.prepare(str(repetitive_corpus), vocab_size=300, prepared_dir=str(prepared), show_progress=False)
+    prepare.prepare(str(repetitive_corpus), vocab_size=300, prepared_dir=str(prepared), show_progress=False)
     ranks_b = Ranks(train_args(root_b / "run", prepared, repetitive_corpus, "--deepspeed_config=zero3",
                                f"--training.max_steps={STEPS_B}", f"--training.eval_every={EVAL_EVERY_B}",
                                "--peak_tflops=1"), 2, root_b, ONE_THREAD)
@@ -376,9 +376,9 @@ def test_evaluate_other_text_with_the_runs_tokenizer(run_a, tmp_path):
     text = tmp_path / "other.txt"
     text.write_text("the cat sat on the mat . a dog ran in the park\n\nwe ate bread with jam . " * 8)
     result = evaluate_checkpoint(str(run_a.dir), data_overrides={"source": str(text)}, show=False)
-    tok = data.load_tokenizer(str(run_a.dir / "tokenizer.json"), 300)
+    tok = prepare.load_tokenizer(str(run_a.dir / "tokenizer.json"), 300)
     tok.encode_special_tokens = True
-    n_tokens = sum(len(tok.encode(d).ids) for d in data.load_documents(str(text)))
+    n_tokens = sum(len(tok.encode(d).ids) for d in prepare.load_documents(str(text)))
     assert (result["split"], result["tokens"]) == ("all", n_tokens)
     assert math.isfinite(result["loss"]) and result["unigram_entropy"] > 0
 

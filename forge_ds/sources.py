@@ -1,0 +1,249 @@
+"""The corpus kinds a run reads, opened as memory-mapped Arrow tables, and the one pass that filters them.
+
+No kind is read into a Python list: local files go through datasets' builders into an Arrow cache on disk
+(written in chunks), saved datasets and hub datasets already are Arrow files, and the filter pass walks the table
+in batches, keeping one row number and one byte count per kept document.
+"""
+
+from __future__ import annotations
+
+import array
+import codecs
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from forge_ds.errors import ForgeError
+
+# CPython 3.11.7's pydoc help topics, shipped: each Python release regenerates them, so reading the running
+# interpreter's would give every Python a different "default corpus" (and docs/QUALITY.md's figures only on 3.11.7).
+PYDOC_CORPUS = Path(__file__).parent / "corpus" / "pydoc_topics-3.11.7.json.gz"
+SCAN_BATCH = 1_000  # rows per filter batch: about a MB of text for typical documents
+READ_CHUNK = 1 << 20  # bytes the text/json builders read at a time (their default, 10 MB, costs ~60 MB of RAM)
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def pydoc_topics() -> dict[str, str]:
+    with gzip.open(PYDOC_CORPUS, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def classify(source: str) -> tuple[str, Path | None]:
+    """Return (kind, path) for a source string; kinds: pydoc, hf, txt, txt_dir, jsonl, disk."""
+    if source == "builtin:pydoc":
+        return "pydoc", None
+    if source.startswith("hf:"):
+        return "hf", None
+    if source.startswith("builtin:"):
+        raise ForgeError(f"unknown data source {source!r}; the only builtin is builtin:pydoc")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ForgeError(f"data source {source!r} does not exist; pass builtin:pydoc, hf:<name>[:<config>], "
+                         "a .txt/.jsonl file, a directory of .txt files or a save_to_disk directory")
+    if path.is_dir():
+        saved = any((path / n).exists() for n in ("state.json", "dataset_dict.json"))
+        return ("disk" if saved else "txt_dir"), path
+    if path.suffix == ".txt":
+        return "txt", path
+    if path.suffix == ".jsonl":
+        return "jsonl", path
+    raise ForgeError(f"data source {source!r} has unsupported extension {path.suffix!r}; use .txt or .jsonl")
+
+
+def txt_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".txt")  # top level only, by name
+    if not files:
+        raise ForgeError(f"directory {str(path)!r} has no .txt files (and is not a save_to_disk dataset); "
+                         "put one document per .txt file there")
+    return files
+
+
+def _is_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _first_bad_jsonl_line(path: Path) -> str | None:
+    # Only on the error path: datasets' json builder reports a failure without saying where it is.
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                return f"{path}:{lineno}: not valid JSON ({exc}); fix or delete that line"
+            if not isinstance(record, dict):
+                return f"{path}:{lineno}: a JSON {type(record).__name__}, not an object; one object per line"
+    return None
+
+
+def _load_local(builder: str, files: list[Path], cache_dir: Path, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
+                                     cache_dir=str(cache_dir), chunksize=READ_CHUNK, **kwargs)
+    except Exception as exc:  # a malformed user file surfaces as many different exception types
+        where = _first_bad_jsonl_line(files[0]) if builder == "json" else None
+        raise ForgeError(where or f"could not read {', '.join(map(str, files[:3]))} with the {builder!r} loader "
+                         f"({one_line(exc)}); check the file format") from exc
+
+
+def jsonl_line(path: Path, row: int) -> str:
+    # The json loader skips blank lines, so row i is the i-th non-blank line; only computed on the error path.
+    with open(path, "rb") as f:
+        seen = -1
+        for lineno, line in enumerate(f, 1):
+            seen += bool(line.strip())
+            if seen == row:
+                return f"line {lineno}"
+    return f"record {row + 1}"
+
+
+@dataclass
+class Source:
+    """A corpus as an Arrow-backed datasets.Dataset plus what the filter pass needs to judge its rows."""
+
+    name: str
+    kind: str
+    ds: object
+    text_field: str
+    path: Path | None = None
+    bad_rows: object = None  # callable(row) -> bool: the row came from a file whose bytes were not all UTF-8
+    files: list = field(default_factory=list)
+
+    def line_of(self, row: int) -> str:
+        return jsonl_line(self.path, row) if self.kind == "jsonl" else f"row {row}"
+
+
+def _hub_or_saved(source: str, kind: str, path: Path | None):
+    import datasets
+
+    if kind == "pydoc":
+        topics = pydoc_topics()
+        return datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
+    if kind == "hf":
+        name, _, config = source[3:].partition(":")
+        try:
+            return datasets.load_dataset(name, config or None, split="train")
+        except Exception as exc:
+            raise ForgeError(f"could not load {source} ({one_line(exc)}); offline? set HF_DATASETS_OFFLINE=0 / "
+                             "pre-download it, or save_to_disk it and pass that directory") from exc
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ForgeError(f"saved DatasetDict {source!r} has no 'train' split (splits: {list(ds)}); "
+                             "save the training split as 'train'")
+        ds = ds["train"]
+    return ds
+
+
+def open_source(source: str, text_field: str, cache_dir: Path) -> Source:
+    """The corpus as a memory-mapped table in source order; local text files are converted into `cache_dir`."""
+    kind, path = classify(source)
+    if kind in ("pydoc", "hf", "disk"):
+        ds = _hub_or_saved(source, kind, path)
+        field_name = "text" if kind == "pydoc" else text_field
+        return Source(source, kind, ds, field_name, path, bad_rows=lambda row: False)
+    # Text files. Policy for bytes that are not UTF-8: replace them with U+FFFD (one bad byte should not kill a
+    # run over a web-scraped corpus) and count the affected documents so the caller can warn. A document counts
+    # when it contains U+FFFD and comes from a file that failed strict decoding (a literal U+FFFD in such a file
+    # is over-counted; harmless for a warning).
+    files = txt_files(path) if kind == "txt_dir" else [path]
+    if all(p.stat().st_size == 0 for p in files):  # the loaders would fail on it with an unrelated-looking error
+        raise ForgeError(f"data source {source!r} is empty (0 bytes{' in every .txt file' if len(files) > 1 else ''}); "
+                         "put text in it or point --data.source elsewhere")
+    bad = [not _is_utf8(p) for p in files]
+    # datasets hands raw bytes to pyarrow when encoding == "utf-8" exactly and ignores encoding_errors there; the
+    # codec alias "utf_8" routes through Python's decoder, which honours errors="replace".
+    enc = dict(encoding="utf_8", encoding_errors="replace") if any(bad) else {}
+    if kind == "jsonl":
+        ds = _load_local("json", files, cache_dir, **enc)
+    else:
+        # A single .txt file: one document per blank-line-separated paragraph, so one file yields many documents
+        # (the train/val split needs at least two). A directory: one document per file, in the sorted order.
+        ds = _load_local("text", files, cache_dir, sample_by="paragraph" if kind == "txt" else "document", **enc)
+    bad_rows = (lambda row: bad[row]) if kind == "txt_dir" else (lambda row: bad[0])
+    return Source(source, kind, ds, text_field, path, bad_rows=bad_rows, files=files)
+
+
+@dataclass
+class Kept:
+    """The documents the filters keep, by source row, with their UTF-8 sizes (16 bytes per document)."""
+
+    rows: np.ndarray
+    nbytes: np.ndarray
+    non_utf8_documents: int
+
+
+def _check_field(src: Source) -> None:
+    if src.text_field not in src.ds.column_names:
+        raise ForgeError(f"{src.line_of(0)} of {src.name} has no field {src.text_field!r} (columns: "
+                         f"{src.ds.column_names}); set --data.text_field")
+
+
+def scan(src: Source, min_article_length: int = 0, max_articles: int | None = None, progress=None) -> Kept:
+    """One pass over the table: whitespace-only documents dropped always, those shorter than `min_article_length`
+    characters dropped, then the first `max_articles` kept."""
+    _check_field(src)
+    rows, sizes, non_utf8 = array.array("q"), array.array("q"), 0  # 8 bytes a document, not a Python int's 28
+    table = src.ds.select_columns([src.text_field]).with_format("arrow")
+    for start in range(0, len(table), SCAN_BATCH):
+        texts, batch_bytes = table[start:start + SCAN_BATCH].column(0).to_pylist(), 0
+        for i, text in enumerate(texts, start):
+            if not isinstance(text, str):
+                what = "has no field" if text is None else "has a non-string field"
+                raise ForgeError(f"{src.line_of(i)} of {src.name} {what} {src.text_field!r}; fix that record or "
+                                 "set --data.text_field")
+            if text.strip() and len(text) >= min_article_length:
+                size = len(text.encode("utf-8", "surrogatepass"))
+                rows.append(i), sizes.append(size)
+                batch_bytes += size
+                non_utf8 += src.bad_rows(i) and "\ufffd" in text
+                if len(rows) == max_articles:
+                    break
+        if progress is not None:
+            progress.update(batch_bytes)
+        if len(rows) == max_articles:
+            break
+    if not rows:
+        raise ForgeError(f"data source {src.name!r} has no documents after filtering (min_article_length="
+                         f"{min_article_length}, max_articles={max_articles}); add text or relax the filters")
+    return Kept(np.asarray(rows, dtype=np.int64), np.asarray(sizes, dtype=np.int64), int(non_utf8))
+
+
+class ArrowDocs:
+    """One text column of Arrow IPC stream files (datasets' cache format), memory-mapped, read by row number.
+
+    pyarrow alone, not datasets: worker processes start faster and a few hundred MB smaller without it."""
+
+    def __init__(self, table_files: list[str], field: str):
+        import pyarrow as pa
+
+        self.chunks = []
+        for name in table_files:
+            self.chunks += pa.ipc.open_stream(pa.memory_map(name)).read_all().column(field).chunks
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def texts(self, rows: np.ndarray) -> list[str]:
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        return [self.chunks[c][int(r - self.starts[c])].as_py() for c, r in zip(chunk.tolist(), rows.tolist())]
+
+
+def open_table(table_files: list[str], field: str) -> ArrowDocs:
+    return ArrowDocs(table_files, field)
