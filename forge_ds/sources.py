@@ -40,6 +40,9 @@ def classify(source: str) -> tuple[str, Path | None]:
     if source == "builtin:pydoc":
         return "pydoc", None
     if source.startswith("hf:"):
+        if not source[3:].split(":")[0].strip():
+            raise ForgeError(f"data source {source!r} names no dataset; give hf:<name>[:<config>], e.g. "
+                             "hf:wikitext:wikitext-103-raw-v1")
         return "hf", None
     if source.startswith("builtin:"):
         raise ForgeError(f"unknown data source {source!r}; the only builtin is builtin:pydoc")

@@ -281,6 +281,7 @@ CASES = {
     "prepared_dir_under_a_file": (lambda w: [f"--data.prepared_dir={w.inputs / 'short.txt' / 'prep'}"],
                                   ["--data.prepared_dir=", "which is a file"]),
     "resume_with_overwrite": (lambda w: ["--resume"], ["--resume continues a run", "--overwrite replaces it"]),
+    "hf_source_without_a_name": (lambda w: ["--data.source=hf:"], ["'hf:' names no dataset", "hf:<name>"]),
 }
 
 
