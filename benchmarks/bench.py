@@ -157,7 +157,7 @@ def naive_attention_forward(self, x):
 class PlainLoop:
     """The loop forge_ds replaces: model, AdamW, clip, LambdaLR, the same batches. No DeepSpeed."""
 
-    def __init__(self, run, naive_attention: bool, compile_model: bool):
+    def __init__(self, run, naive_attention: bool, compile_model: bool, gpu_like: bool = False):
         import torch
 
         from forge_ds.model import CausalSelfAttention, optimizer_groups
@@ -176,8 +176,11 @@ class PlainLoop:
         self.amp_dtype = torch.bfloat16 if run.precision == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
         # Fused AdamW is torch's fastest on GPU; on CPU torch's default, which is what DeepSpeed's torch_adam builds.
+        # gpu_like (benchmarks/host_overhead.py, a GPU's host cost on a CPU): fused AdamW and foreach clipping
+        # on the CPU too, the launches the loop makes on a GPU, where CPU defaults would loop per tensor.
+        self.gpu_like = gpu_like or self.device == "cuda"
         self.opt = torch.optim.AdamW(optimizer_groups(model, t.recipe, t.weight_decay), lr=t.learning_rate,
-                                     betas=(0.9, 0.999), eps=1e-8, **({"fused": True} if self.device == "cuda" else {}))
+                                     betas=(0.9, 0.999), eps=1e-8, **({"fused": True} if self.gpu_like else {}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(run.total_steps, t.warmup_steps))
         self.forward = model
         if run.env.world_size > 1:
@@ -203,7 +206,7 @@ class PlainLoop:
             loss_sum += loss.item()
         if self.scaler:
             self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=self.gpu_like or None)
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()

@@ -245,3 +245,45 @@ def test_arch_list_made_parseable_for_deepspeed_op_builds(given, wanted):
     assert update == ({"TORCH_CUDA_ARCH_LIST": wanted} if wanted else {})
     for cc in filter(None, (update.get("TORCH_CUDA_ARCH_LIST") or given or "").replace(" ", ";").split(";")):
         tuple(int(part.split("+")[0]) for part in cc.split("."))  # DeepSpeed 0.19.8's parse, on what it will see
+
+
+def test_throughput_timer_sync_off_unless_asked_for():
+    """DeepSpeed's throughput timer synchronizes the device at every forward() and step(); forge_ds never prints
+    its samples/s. A config that configures it keeps its choice."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    out = resolve(base(), world_size=1, micro_batch=4, grad_accum=3)
+    assert out["timers"] == {"throughput": {"enabled": False}}
+    assert DeepSpeedConfig(out).timers_config.enabled is False
+    asked = base()
+    asked["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
+    assert resolve(asked)["timers"]["throughput"] == {"enabled": True, "synchronized": True}
+
+
+def test_deepcompile_needs_cuda():
+    ds = base()
+    ds["compile"] = {"deepcompile": True}
+    with pytest.raises(ForgeError, match="compile.deepcompile=true needs a CUDA GPU"):
+        resolve(ds, device="cpu")
+    assert resolve(ds, device="cuda")["compile"] == {"deepcompile": True}
+
+
+def test_torch_autocast_keeps_fp32_weights_and_follows_precision():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = load_ds_config("zero0")
+    ds["torch_autocast"] = {"enabled": True, "dtype": "auto"}
+    out = resolve(ds, world_size=1, micro_batch=4, grad_accum=3, precision="bf16")
+    assert out["torch_autocast"]["dtype"] == "bfloat16"
+    assert out["bf16"]["enabled"] is False and out["fp16"]["enabled"] is False  # no DeepSpeed bf16 weights
+    parsed = DeepSpeedConfig(out)
+    assert parsed.torch_autocast_enabled and not parsed.bfloat16_config.enabled
+    with pytest.raises(ForgeError, match="torch_autocast.enabled=true but training.precision=fp32"):
+        resolve(ds, precision="fp32")
+    ds["torch_autocast"]["dtype"] = "float16"
+    with pytest.raises(ForgeError, match="torch_autocast.dtype=\"float16\" contradicts training.precision=bf16"):
+        resolve(ds)
+    ds["torch_autocast"]["dtype"] = "bfloat16"
+    ds["bf16"]["enabled"] = True
+    with pytest.raises(ForgeError, match="bf16.enabled=true contradicts training.precision under torch_autocast"):
+        resolve(ds)
