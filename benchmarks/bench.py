@@ -270,7 +270,7 @@ def run_overrides(args) -> dict:
             "model.d_ff": args.d_ff, "model.max_seq_len": args.seq_len, "model.vocab_size": args.vocab,
             "model.dropout": 0.1, "training.batch_size": args.batch_size, "training.max_steps": 1_000_000,
             "training.warmup_steps": 20, "training.learning_rate": 3e-4, "training.precision": args.precision,
-            "training.device": args.device, "training.compile": args.compile,
+            "training.device": args.device, "training.compile": args.compile or args.compile_ours,
             "training.activation_checkpointing": args.activation_checkpointing,
             "training.eval_every": 10**9, "training.checkpoint_every": 10**9, "training.log_every": 10**9,
             "data.source": "builtin:pydoc", "data.prepared_dir": args.prepared_dir}
@@ -409,7 +409,7 @@ def rank_main(args) -> dict | None:
                                               "batch_size")},
         "precision": run.precision, "zero_stage": stage, "world_size": env.world_size, "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "compile": args.compile,
+        "torch_threads": torch.get_num_threads(), "compile": args.compile, "compile_ours_only": args.compile_ours,
         "activation_checkpointing": args.activation_checkpointing,
         "optimizer": type(getattr(run.engine.optimizer, "optimizer", run.engine.optimizer)).__name__,
         "tokens_per_step": tokens_per_step, "trainable_params": psi, "flops_per_token": fpt,
@@ -530,6 +530,9 @@ def parse(argv):
     p.add_argument("--steps_per_chunk", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per loop before the pairs")
     p.add_argument("--compile", action="store_true", help="training.compile=true; the plain loops torch.compile")
+    p.add_argument("--compile_ours", action="store_true",
+                   help="training.compile=true for forge_ds only: the plain loops stay eager (compiled forge_ds "
+                        "against the plain eager loop)")
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak_tflops", type=float, default=None, help="per-rank peak for MFU (GPU table otherwise)")

@@ -54,7 +54,6 @@ def count_syncs(counts: collections.Counter):
     """While active, every would-be sync adds 1 to counts[(caller package, caller file:line, what)]."""
     import torch
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import timer as ds_timer
 
     patched: list[tuple[object, str, object]] = []
 
@@ -76,12 +75,8 @@ def count_syncs(counts: collections.Counter):
     wrap(torch.cuda, "synchronize", "torch.cuda.synchronize")
     accelerator = get_accelerator()
     wrap(accelerator, "synchronize", "accelerator.synchronize")
-    wrap(ds_timer.ThroughputTimer, "start", "ThroughputTimer.start (synchronized)",
-         when=lambda self, *a, **k: self.config.enabled and self.config.synchronized)
-    wrap(ds_timer.ThroughputTimer, "stop", "ThroughputTimer.stop (synchronized)",
-         when=lambda self, *a, **k: self.config.enabled and self.config.synchronized and self.started)
-    wrap(ds_timer.SynchronizedWallClockTimer.Timer, "start", "SynchronizedWallClockTimer")
-    wrap(ds_timer.SynchronizedWallClockTimer.Timer, "stop", "SynchronizedWallClockTimer")
+    # DeepSpeed's timers (ThroughputTimer when `synchronized`, SynchronizedWallClockTimer) sync through the
+    # accelerator: counted there once, their call site (timer.py:start/stop) names them.
     try:
         yield counts
     finally:

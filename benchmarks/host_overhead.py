@@ -34,17 +34,21 @@ from local_ranks import run_ranks  # noqa: E402
 
 SHAPE = ["--d_model", "64", "--n_heads", "4", "--n_layers", "12", "--d_ff", "128", "--vocab", "512",
          "--seq_len", "32", "--batch_size", "2"]
-SHIPPED = {"plain": None, "zero0": "zero0", "zero1": "zero1", "zero2": "zero2", "zero3": "zero3"}
+SHIPPED = {"plain": None, "zero0": "zero0", "zero0_autocast": "zero0_autocast", "zero1": "zero1", "zero2": "zero2",
+           "zero3": "zero3"}
 
 
 def variants(workdir: Path, names: list[str]) -> dict[str, str | None]:
     """Name -> DeepSpeed JSON (None: the plain PyTorch loop). Beside the shipped configs, what one lever is
     worth: DeepSpeed's synchronizing throughput timer back on, ZeRO-1 with its per-parameter gradient hooks
-    alone (contiguous_gradients), ZeRO-0 under DeepSpeed's torch_autocast (fp32 weights, torch AdamW unwrapped)."""
+    alone (contiguous_gradients)."""
     from forge_ds.ds_config import load_ds_config
 
-    def derived(base: str, edit) -> str:
+    def derived(base: str, edit=lambda ds: None) -> str:
         ds = load_ds_config(base)
+        # As on a GPU, where DeepSpeed's FusedAdam steps all tensors at once: torch's fused AdamW (on a CPU
+        # DeepSpeed builds torch's AdamW, whose CPU default loops per tensor and reads each step counter).
+        ds["optimizer"]["params"]["fused"] = True
         edit(ds)
         path = workdir / f"{base}-{len(os.listdir(workdir))}.json"
         path.write_text(json.dumps(ds))
@@ -55,13 +59,13 @@ def variants(workdir: Path, names: list[str]) -> dict[str, str | None]:
             timers={"throughput": {"enabled": True, "synchronized": True}})),
         "zero1 +hooks": lambda: derived("zero1", lambda ds: ds["zero_optimization"].update(
             contiguous_gradients=True)),
-        "zero0 torch_autocast": lambda: derived("zero0", lambda ds: ds.update(
-            torch_autocast={"enabled": True, "dtype": "auto"})),
     }
     table = {}
     for name in names:
-        if name in SHIPPED:
-            table[name] = SHIPPED[name]
+        if name == "plain":
+            table[name] = None
+        elif name in SHIPPED:
+            table[name] = derived(SHIPPED[name])
         elif name in extra:
             table[name] = extra[name]()
         else:
@@ -169,9 +173,11 @@ def wall_rounds(configs: dict, args, workdir: Path) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="plain,zero0,zero1,zero2,zero3",
-                   help="comma-separated: plain zero0..zero3, 'zero2 +tput timer', 'zero1 +hooks', "
-                        "'zero0 torch_autocast'")
+    p.add_argument("--configs", default="plain,zero0,zero0_autocast,zero1,zero2,zero3",
+                   help="comma-separated: plain zero0 zero0_autocast zero1 zero2 zero3, 'zero2 +tput timer', "
+                        "'zero1 +hooks'")
+    p.add_argument("--wall_configs", default="plain,zero0,zero0_autocast,zero1,zero2",
+                   help="the configurations timed in the wall rounds")
     p.add_argument("--cases", default="1x1,1x4,2x1,2x4", help="RANKSxGA cases for the counts ('' for none)")
     p.add_argument("--rounds", type=int, default=9, help="interleaved wall rounds (1 rank, GA=1); 0 for none")
     p.add_argument("--steps", type=int, default=30, help="timed steps per wall process")
@@ -204,7 +210,8 @@ def main(argv=None) -> dict:
         ranks, ga = (int(x) for x in case.split("x"))
         counts[case] = {name: launch(name, ds, ranks, ga, "counts", args, workdir) for name, ds in configs.items()}
         print_counts(f"{ranks} rank(s), GA={ga}, {args.precision}, d64 L12 T32 B2", counts[case])
-    wall = wall_rounds(configs, args, workdir) if args.rounds else {}
+    timed = {n: configs[n] for n in ["plain", *args.wall_configs.split(",")] if n in configs}
+    wall = wall_rounds(timed, args, workdir) if args.rounds else {}
     report = {"benchmark": "host_overhead", "precision": args.precision, "rounds": args.rounds,
               "steps": args.steps, "date": time.strftime("%Y-%m-%d %H:%M"), "counts": counts, "wall": wall}
     out_path = Path(args.json) if args.json else workdir / "host_overhead.json"

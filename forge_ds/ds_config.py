@@ -203,9 +203,15 @@ def _check_deepcompile(ds: dict, device: str, source: str) -> None:
 
 def _torch_autocast(ds: dict, precision: str, source: str) -> bool:
     """DeepSpeed's torch_autocast section: fp32 weights, torch.autocast around forward, the optimizer unwrapped.
-    Its dtype follows training.precision ("auto"); fp32 has nothing to autocast to."""
+    "enabled" and "dtype" follow training.precision ("auto"); fp32 has nothing to autocast to."""
     sec = ds.get("torch_autocast")
-    if not isinstance(sec, dict) or sec.get("enabled") is not True:
+    if not isinstance(sec, dict):
+        return False
+    if sec.get("enabled") == "auto":  # on wherever there is a lower precision to cast to
+        sec["enabled"] = precision != "fp32"
+    if sec.get("enabled") is not True:
+        if sec.get("dtype") == "auto":
+            del sec["dtype"]  # DeepSpeed parses the dtype even of a section that is off
         return False
     if precision == "fp32":
         raise ForgeError(f"{source}: torch_autocast.enabled=true but training.precision=fp32; use "

@@ -287,3 +287,13 @@ def test_torch_autocast_keeps_fp32_weights_and_follows_precision():
     ds["bf16"]["enabled"] = True
     with pytest.raises(ForgeError, match="bf16.enabled=true contradicts training.precision under torch_autocast"):
         resolve(ds)
+
+
+def test_shipped_autocast_config_follows_precision():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    bf16 = resolve(load_ds_config("zero0_autocast"), world_size=1, micro_batch=4, grad_accum=3)
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and bf16["bf16"]["enabled"] is False
+    assert DeepSpeedConfig(bf16).torch_autocast_enabled
+    fp32 = resolve(load_ds_config("zero0_autocast"), world_size=1, micro_batch=4, grad_accum=3, precision="fp32")
+    assert fp32["torch_autocast"]["enabled"] is False and not DeepSpeedConfig(fp32).torch_autocast_enabled
