@@ -124,6 +124,7 @@ def resolve_ds_config(ds: dict, *, micro_batch: int, grad_accum: int, world_size
     _fill(ds, "train_batch_size", micro_batch * grad_accum * world_size, where="train_batch_size",
           field=f"training.batch_size*training.gradient_accumulation_steps*world_size({micro_batch}*{grad_accum}*{world_size})",
           flag="--training.batch_size/--training.gradient_accumulation_steps", **common)
+    clip_auto = ds.get("gradient_clipping", "auto") == "auto"
     _fill(ds, "gradient_clipping", max_grad_norm, where="gradient_clipping",
           field="training.max_grad_norm", flag="--training.max_grad_norm", **common)
 
@@ -158,6 +159,12 @@ def resolve_ds_config(ds: dict, *, micro_batch: int, grad_accum: int, world_size
         raise ForgeError("fp16 is not supported on CPU (DeepSpeed: 'Type fp16 is not supported on your device'); "
                          "use --training.precision=bf16 or fp32")
     autocast = _torch_autocast(ds, precision, source)
+    if stage == 0 and (precision == "fp32" or autocast) and clip_auto:
+        # ZeRO-0 without DeepSpeed's low-precision weights steps torch's AdamW unwrapped; DeepSpeed would clip per
+        # tensor there (runtime/utils.clip_grad_norm_) and forge_ds compute the norm for the log again. The loop
+        # clips instead, once, with torch's foreach clip_grad_norm_, which returns that norm (engine.Stepper).
+        # Only "auto" moves: an explicit gradient_clipping in the JSON is DeepSpeed's to apply.
+        ds["gradient_clipping"] = 0.0
     for name, sec in secs.items():
         key = bf16_key if name == "bf16" else name
         # Under torch_autocast the weights stay fp32: DeepSpeed's bf16/fp16 weights and their wrapper stay off.

@@ -74,11 +74,16 @@ def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[to
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def grad_norm_of(module: torch.nn.Module) -> Optional[torch.Tensor]:
+def grad_norm_of(module: torch.nn.Module, clip_to: float = 0.0) -> Optional[torch.Tensor]:
     """Global L2 norm of the gradients held in `module` (ZeRO-0: every rank holds the full, averaged gradients),
-    left on the device: the loop reads it with the loss, in the step's one host read."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+    before clipping them to `clip_to` (0: no clipping). Left on the device: the loop reads it with the loss, in
+    the step's one host read."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return None
+    if clip_to > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip_to, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
 
 class Stepper:
@@ -94,6 +99,10 @@ class Stepper:
         # unwrapped, which keeps no gradient norm (get_global_grad_norm() is None).
         self.own_grad_norm = zero_stage == 0 and getattr(engine, "optimizer", None) is getattr(
             engine, "basic_optimizer", False)
+        # There DeepSpeed's clipping is off unless the JSON set it (ds_config.resolve_ds_config): the loop clips,
+        # with torch's foreach clip_grad_norm_, which also returns the pre-clip norm the log shows.
+        self.clip_to = (cfg.training.max_grad_norm if self.own_grad_norm and engine.gradient_clipping() == 0
+                        else 0.0)
         self.pre_clip_norm: Optional[torch.Tensor] = None
         nan_at = faults.value("nan_at_step")  # tests: poison one step's loss
         self.nan_at = int(nan_at) if nan_at is not None else None
@@ -113,7 +122,8 @@ class Stepper:
                 loss = loss * float("nan")
             engine.backward(loss)
             if self.own_grad_norm and micro == self.grad_accum - 1:
-                self.pre_clip_norm = grad_norm_of(engine.module)  # all-reduced by backward(), not yet clipped
+                # all-reduced by backward(), not yet clipped
+                self.pre_clip_norm = grad_norm_of(engine.module, self.clip_to)
             engine.step()
             # float64, as the Python float it replaces: the logged and saved loss keeps its digits
             loss_sum = loss.detach().double() if loss_sum is None else loss_sum.add_(loss.detach())
