@@ -24,7 +24,10 @@ _WRAPPED_TENSOR_METHODS = ("item", "cpu", "tolist", "numpy", "__float__", "__int
 
 
 def package_of(filename: str) -> str:
-    """forge_ds / deepspeed / torch / loop (the plain loop in benchmarks/bench.py) / other."""
+    """forge_ds model (model.py, which the plain loop runs too) / forge_ds (the harness) / deepspeed / torch /
+    loop (the plain loop in benchmarks/bench.py) / other."""
+    if filename.endswith("/forge_ds/model.py"):
+        return "forge_ds model"
     if "/forge_ds/" in filename:
         return "forge_ds"
     if "/deepspeed/" in filename:
