@@ -46,6 +46,11 @@ def build_engine(cfg: Config, model: SharedTrainingModel, ds: dict, total_steps:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=optimizer_groups(model, t.recipe, t.weight_decay), config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, t.warmup_steps)))
+    if ds_config.zero_stage(ds) == 0 and distributed.world_size() == 1:
+        # Alone there is nothing to all-reduce, but DeepSpeed's ZeRO-0 backward still copies every gradient into
+        # a flat bucket, divides it by 1 and copies it back (engine.buffered_allreduce_fallback): ~4 ops and a
+        # dozen Python calls per parameter tensor, every step. Skipping it is exact.
+        engine.enable_backward_allreduce = False
     # DeepCompile (opt-in: "compile": {"deepcompile": true}, CUDA only) takes effect through engine.compile() alone.
     if t.compile or ds_config.deepcompile(ds):
         engine.compile()
@@ -128,19 +133,25 @@ class Stepper:
             # float64, as the Python float it replaces: the logged and saved loss keeps its digits
             loss_sum = loss.detach().double() if loss_sum is None else loss_sum.add_(loss.detach())
         self.overflow_run = self.overflow_run + 1 if self.skipped_steps() > skipped_before else 0
-        return loss_sum.div_(self.grad_accum)
+        return loss_sum.div_(self.grad_accum) if self.grad_accum > 1 else loss_sum
 
     def read(self, local_loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool, Optional[float]]:
         """The step's one host read: (mean loss over ranks, whether any rank was asked to stop, gradient norm).
         Loss and stop flag travel in one all-reduce; the norm (the same on every rank) joins them for the read."""
-        summed = distributed.all_reduce_tensor(torch.stack([local_loss, local_loss.new_tensor(float(stop_requested))]))
+        if self.world_size > 1:
+            summed = distributed.all_reduce_tensor(
+                torch.stack([local_loss, local_loss.new_tensor(float(stop_requested))]))
+        else:  # alone: nothing to agree on, and every op here is a launch on a GPU
+            summed = local_loss.reshape(1)
         norm = self.engine.get_global_grad_norm()
         norm = self.pre_clip_norm if norm is None else norm
         if isinstance(norm, torch.Tensor):
-            total, stop, norm = torch.cat([summed, norm.detach().reshape(1).to(summed)]).tolist()
+            values = torch.cat([summed, norm.detach().reshape(1).to(summed)]).tolist()
+            norm = values.pop()
         else:
-            total, stop = summed.tolist()
-        return total / self.world_size, stop > 0, None if norm is None else float(norm)
+            values = summed.tolist()
+        total, stop = values[0], values[1] > 0 if self.world_size > 1 else stop_requested
+        return total / self.world_size, stop, None if norm is None else float(norm)
 
     def check_health(self, step: int, train_loss: float, grad_norm: Optional[float],
                      last_good: Callable[[], str]) -> None:
