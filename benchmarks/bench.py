@@ -157,7 +157,7 @@ def naive_attention_forward(self, x):
 class PlainLoop:
     """The loop forge_ds replaces: model, AdamW, clip, LambdaLR, the same batches. No DeepSpeed."""
 
-    def __init__(self, run, naive_attention: bool, compile_model: bool):
+    def __init__(self, run, naive_attention: bool, compile_model: bool, gpu_like: bool = False):
         import torch
 
         from forge_ds.model import CausalSelfAttention, optimizer_groups
@@ -176,8 +176,11 @@ class PlainLoop:
         self.amp_dtype = torch.bfloat16 if run.precision == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
         # Fused AdamW is torch's fastest on GPU; on CPU torch's default, which is what DeepSpeed's torch_adam builds.
+        # gpu_like (benchmarks/host_overhead.py, a GPU's host cost on a CPU): fused AdamW and foreach clipping
+        # on the CPU too, the launches the loop makes on a GPU, where CPU defaults would loop per tensor.
+        self.gpu_like = gpu_like or self.device == "cuda"
         self.opt = torch.optim.AdamW(optimizer_groups(model, t.recipe, t.weight_decay), lr=t.learning_rate,
-                                     betas=(0.9, 0.999), eps=1e-8, **({"fused": True} if self.device == "cuda" else {}))
+                                     betas=(0.9, 0.999), eps=1e-8, **({"fused": True} if self.gpu_like else {}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(run.total_steps, t.warmup_steps))
         self.forward = model
         if run.env.world_size > 1:
@@ -203,7 +206,7 @@ class PlainLoop:
             loss_sum += loss.item()
         if self.scaler:
             self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=self.gpu_like or None)
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -267,7 +270,7 @@ def run_overrides(args) -> dict:
             "model.d_ff": args.d_ff, "model.max_seq_len": args.seq_len, "model.vocab_size": args.vocab,
             "model.dropout": 0.1, "training.batch_size": args.batch_size, "training.max_steps": 1_000_000,
             "training.warmup_steps": 20, "training.learning_rate": 3e-4, "training.precision": args.precision,
-            "training.device": args.device, "training.compile": args.compile,
+            "training.device": args.device, "training.compile": args.compile or args.compile_ours,
             "training.activation_checkpointing": args.activation_checkpointing,
             "training.eval_every": 10**9, "training.checkpoint_every": 10**9, "training.log_every": 10**9,
             "data.source": "builtin:pydoc", "data.prepared_dir": args.prepared_dir}
@@ -406,7 +409,7 @@ def rank_main(args) -> dict | None:
                                               "batch_size")},
         "precision": run.precision, "zero_stage": stage, "world_size": env.world_size, "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(), "compile": args.compile,
+        "torch_threads": torch.get_num_threads(), "compile": args.compile, "compile_ours_only": args.compile_ours,
         "activation_checkpointing": args.activation_checkpointing,
         "optimizer": type(getattr(run.engine.optimizer, "optimizer", run.engine.optimizer)).__name__,
         "tokens_per_step": tokens_per_step, "trainable_params": psi, "flops_per_token": fpt,
@@ -527,6 +530,9 @@ def parse(argv):
     p.add_argument("--steps_per_chunk", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per loop before the pairs")
     p.add_argument("--compile", action="store_true", help="training.compile=true; the plain loops torch.compile")
+    p.add_argument("--compile_ours", action="store_true",
+                   help="training.compile=true for forge_ds only: the plain loops stay eager (compiled forge_ds "
+                        "against the plain eager loop)")
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak_tflops", type=float, default=None, help="per-rank peak for MFU (GPU table otherwise)")

@@ -149,6 +149,13 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.cpu().tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across ranks where it lives (no host read: on a GPU the reduction is queued behind the step)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
 def any_rank(flag: bool) -> bool:
     return all_reduce([1.0 if flag else 0.0], op="max")[0] > 0
 

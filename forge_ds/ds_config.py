@@ -125,6 +125,7 @@ def resolve_ds_config(ds: dict, *, micro_batch: int, grad_accum: int, world_size
     _fill(ds, "train_batch_size", micro_batch * grad_accum * world_size, where="train_batch_size",
           field=f"training.batch_size*training.gradient_accumulation_steps*world_size({micro_batch}*{grad_accum}*{world_size})",
           flag="--training.batch_size/--training.gradient_accumulation_steps", **common)
+    clip_auto = ds.get("gradient_clipping", "auto") == "auto"
     _fill(ds, "gradient_clipping", max_grad_norm, where="gradient_clipping",
           field="training.max_grad_norm", flag="--training.max_grad_norm", **common)
 
@@ -158,15 +159,32 @@ def resolve_ds_config(ds: dict, *, micro_batch: int, grad_accum: int, world_size
     if device == "cpu" and (precision == "fp16" or secs["fp16"].get("enabled") is True):
         raise ForgeError("fp16 is not supported on CPU (DeepSpeed: 'Type fp16 is not supported on your device'); "
                          "use --training.precision=bf16 or fp32")
+    autocast = _torch_autocast(ds, precision, source)
+    if stage == 0 and (precision == "fp32" or autocast) and clip_auto:
+        # ZeRO-0 without DeepSpeed's low-precision weights steps torch's AdamW unwrapped; DeepSpeed would clip per
+        # tensor there (runtime/utils.clip_grad_norm_) and forge_ds compute the norm for the log again. The loop
+        # clips instead, once, with torch's foreach clip_grad_norm_, which returns that norm (engine.Stepper).
+        # Only "auto" moves: an explicit gradient_clipping in the JSON is DeepSpeed's to apply.
+        ds["gradient_clipping"] = 0.0
     for name, sec in secs.items():
         key = bf16_key if name == "bf16" else name
-        _fill(sec, "enabled", precision == name, where=f"{key}.enabled", field="training.precision",
+        # Under torch_autocast the weights stay fp32: DeepSpeed's bf16/fp16 weights and their wrapper stay off.
+        _fill(sec, "enabled", precision == name and not autocast, where=f"{key}.enabled",
+              field="training.precision" + (" under torch_autocast" if autocast else ""),
               shown=precision, flag="--training.precision", **common)
     # bf16 has no loss scale to back off, and the loop stops on a non-finite loss or gradient norm by itself, so
     # DeepSpeed's per-gradient inf/NaN scan (on by default) only costs: ~6 small kernels per parameter tensor and
     # a host sync every step; on an H100 that was ~16 ms of host time per GPT-2-small step (docs/PERFORMANCE.md).
     if secs["bf16"].get("check_grad_overflow", "auto") == "auto":
         secs["bf16"]["check_grad_overflow"] = False
+
+    # DeepSpeed's throughput timer (on unless configured) synchronizes the device at every forward() and step()
+    # (deepspeed/utils/timer.py ThroughputTimer.start/stop, `if self.config.synchronized`), twice a micro-batch, to
+    # print a samples/s forge_ds never shows (steps_per_print is off). A config that asks for it keeps it.
+    timers = _section(ds, "timers", source)
+    if "throughput" not in timers:
+        timers["throughput"] = {"enabled": False}
+    _check_deepcompile(ds, device, source)
 
     # Both serve the gradient reduction across ranks: overlap_comm overlaps it with backward, contiguous_gradients
     # copies every gradient into the reduction bucket as it is made (one copy and one Python hook per parameter
@@ -175,3 +193,42 @@ def resolve_ds_config(ds: dict, *, micro_batch: int, grad_accum: int, world_size
         if isinstance(zero, dict) and zero.get(key) == "auto":
             zero[key] = world_size > 1
     return ds
+
+
+def deepcompile(ds: dict) -> bool:
+    comp = ds.get("compile")
+    return isinstance(comp, dict) and comp.get("deepcompile") is True
+
+
+def _check_deepcompile(ds: dict, device: str, source: str) -> None:
+    """DeepCompile (DeepSpeed's compiled ZeRO passes) builds on CUDA kernels and streams; on CPU it fails deep
+    inside engine.compile(). Opt-in and experimental, so only the request is checked, not the stage."""
+    if deepcompile(ds):
+        if device != "cuda":
+            raise ForgeError(f'{source}: compile.deepcompile=true needs a CUDA GPU (this run is on {device}); '
+                             'remove the "compile" section or run on a GPU')
+
+
+def _torch_autocast(ds: dict, precision: str, source: str) -> bool:
+    """DeepSpeed's torch_autocast section: fp32 weights, torch.autocast around forward, the optimizer unwrapped.
+    "enabled" and "dtype" follow training.precision ("auto"); fp32 has nothing to autocast to."""
+    sec = ds.get("torch_autocast")
+    if not isinstance(sec, dict):
+        return False
+    if sec.get("enabled") == "auto":  # on wherever there is a lower precision to cast to
+        sec["enabled"] = precision != "fp32"
+    if sec.get("enabled") is not True:
+        if sec.get("dtype") == "auto":
+            del sec["dtype"]  # DeepSpeed parses the dtype even of a section that is off
+        return False
+    if precision == "fp32":
+        raise ForgeError(f"{source}: torch_autocast.enabled=true but training.precision=fp32; use "
+                         "--training.precision=bf16 (or fp16) or remove the torch_autocast section")
+    names = {"bf16": ("bfloat16", "bf16"), "fp16": ("float16", "fp16", "half")}[precision]
+    dtype = sec.get("dtype", "auto")
+    if dtype == "auto":
+        sec["dtype"] = names[0]
+    elif dtype not in names:
+        raise ForgeError(f"{source}: torch_autocast.dtype={json.dumps(dtype)} contradicts "
+                         f'training.precision={precision}; set it to "auto" or change --training.precision')
+    return True

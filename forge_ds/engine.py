@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from forge_ds import faults
+from forge_ds import distributed, ds_config, faults
 from forge_ds.config import Config
 from forge_ds.errors import TrainingDiverged
 from forge_ds.model import SharedTrainingModel, initialize, optimizer_groups
@@ -46,7 +46,13 @@ def build_engine(cfg: Config, model: SharedTrainingModel, ds: dict, total_steps:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=optimizer_groups(model, t.recipe, t.weight_decay), config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, t.warmup_steps)))
-    if t.compile:
+    if ds_config.zero_stage(ds) == 0 and distributed.world_size() == 1:
+        # Alone there is nothing to all-reduce, but DeepSpeed's ZeRO-0 backward still copies every gradient into
+        # a flat bucket, divides it by 1 and copies it back (engine.buffered_allreduce_fallback): ~4 ops and a
+        # dozen Python calls per parameter tensor, every step. Skipping it is exact.
+        engine.enable_backward_allreduce = False
+    # DeepCompile (opt-in: "compile": {"deepcompile": true}, CUDA only) takes effect through engine.compile() alone.
+    if t.compile or ds_config.deepcompile(ds):
         engine.compile()
     return engine
 
@@ -73,10 +79,16 @@ def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[to
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def grad_norm_of(module: torch.nn.Module) -> float:
-    """Global L2 norm of the gradients held in `module` (ZeRO-0: every rank holds the full, averaged gradients)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+def grad_norm_of(module: torch.nn.Module, clip_to: float = 0.0) -> Optional[torch.Tensor]:
+    """Global L2 norm of the gradients held in `module` (ZeRO-0: every rank holds the full, averaged gradients),
+    before clipping them to `clip_to` (0: no clipping). Left on the device: the loop reads it with the loss, in
+    the step's one host read."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return None
+    if clip_to > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip_to, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
 
 class Stepper:
@@ -88,17 +100,24 @@ class Stepper:
         self.seed, self.grad_accum = cfg.training.seed, cfg.training.gradient_accumulation_steps
         self.max_skipped_steps = cfg.training.max_skipped_steps
         self.rank, self.world_size = rank, world_size
-        # ZeRO-0 in fp32 steps torch's own AdamW, which keeps no gradient norm (get_global_grad_norm() is None).
-        self.own_grad_norm = zero_stage == 0 and precision == "fp32"
-        self.pre_clip_norm: Optional[float] = None
+        # ZeRO-0 without DeepSpeed's low-precision weights (fp32, or torch_autocast) steps torch's own AdamW,
+        # unwrapped, which keeps no gradient norm (get_global_grad_norm() is None).
+        self.own_grad_norm = zero_stage == 0 and getattr(engine, "optimizer", None) is getattr(
+            engine, "basic_optimizer", False)
+        # There DeepSpeed's clipping is off unless the JSON set it (ds_config.resolve_ds_config): the loop clips,
+        # with torch's foreach clip_grad_norm_, which also returns the pre-clip norm the log shows.
+        self.clip_to = (cfg.training.max_grad_norm if self.own_grad_norm and engine.gradient_clipping() == 0
+                        else 0.0)
+        self.pre_clip_norm: Optional[torch.Tensor] = None
         nan_at = faults.value("nan_at_step")  # tests: poison one step's loss
         self.nan_at = int(nan_at) if nan_at is not None else None
         self.overflow_run = 0
 
-    def step(self, batches: Iterator, step: int) -> float:
+    def step(self, batches: Iterator, step: int) -> torch.Tensor:
         """Forward/backward over the micro-batches of step `step` + 1; DeepSpeed steps at the boundary. Returns this
-        rank's mean loss."""
-        engine, loss_sum, skipped_before = self.engine, 0.0, self.skipped_steps()
+        rank's mean loss as a device tensor: reading it per micro-batch (`loss.item()`) would make the host wait for
+        the device GA times a step; `read` reads it once, after the step is queued."""
+        engine, loss_sum, skipped_before = self.engine, None, self.skipped_steps()
         for micro in range(self.grad_accum):
             seed_dropout(dropout_seed(self.seed, step, micro * self.world_size + self.rank), self.device)
             x, y = to_device(next(batches), self.device)
@@ -108,15 +127,31 @@ class Stepper:
                 loss = loss * float("nan")
             engine.backward(loss)
             if self.own_grad_norm and micro == self.grad_accum - 1:
-                self.pre_clip_norm = grad_norm_of(engine.module)  # all-reduced by backward(), not yet clipped
+                # all-reduced by backward(), not yet clipped
+                self.pre_clip_norm = grad_norm_of(engine.module, self.clip_to)
             engine.step()
-            loss_sum += loss.item()
+            # float64, as the Python float it replaces: the logged and saved loss keeps its digits
+            loss_sum = loss.detach().double() if loss_sum is None else loss_sum.add_(loss.detach())
         self.overflow_run = self.overflow_run + 1 if self.skipped_steps() > skipped_before else 0
-        return loss_sum / self.grad_accum
+        return loss_sum.div_(self.grad_accum) if self.grad_accum > 1 else loss_sum
 
-    def grad_norm(self) -> Optional[float]:
+    def read(self, local_loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool, Optional[float]]:
+        """The step's one host read: (mean loss over ranks, whether any rank was asked to stop, gradient norm).
+        Loss and stop flag travel in one all-reduce; the norm (the same on every rank) joins them for the read."""
+        if self.world_size > 1:
+            summed = distributed.all_reduce_tensor(
+                torch.stack([local_loss, local_loss.new_tensor(float(stop_requested))]))
+        else:  # alone: nothing to agree on, and every op here is a launch on a GPU
+            summed = local_loss.reshape(1)
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else self.pre_clip_norm
+        norm = self.pre_clip_norm if norm is None else norm
+        if isinstance(norm, torch.Tensor):
+            values = torch.cat([summed, norm.detach().reshape(1).to(summed)]).tolist()
+            norm = values.pop()
+        else:
+            values = summed.tolist()
+        total, stop = values[0], values[1] > 0 if self.world_size > 1 else stop_requested
+        return total / self.world_size, stop, None if norm is None else float(norm)
 
     def check_health(self, step: int, train_loss: float, grad_norm: Optional[float],
                      last_good: Callable[[], str]) -> None:

@@ -16,9 +16,9 @@ class RunOptions(BaseModel):
 
     config: Optional[str] = Field(None, description="a YAML/JSON config file, a preset (modularforge, cpu_demo) "
                                                     "or ModularForge's configs/default.yaml")
-    deepspeed_config: str = Field("zero2", description="a shipped DeepSpeed config (zero0 zero1 zero2 zero3 "
-                                                       "zero3_offload), a JSON path, or auto (the planner picks "
-                                                       "the stage; see forge-ds plan)")
+    deepspeed_config: str = Field("zero2", description="a shipped DeepSpeed config (zero0 zero0_autocast zero1 "
+                                                       "zero2 zero3 zero3_offload), a JSON path, or auto (the "
+                                                       "planner picks the stage; see forge-ds plan)")
     output_dir: Optional[str] = Field(None, description="run directory; default runs/<YYYYmmdd-HHMMSS> "
                                                         "(runs/slurm-<job id> under SLURM)")
     resume: Optional[str] = Field(None, description="continue from the newest complete checkpoint (bare --resume "

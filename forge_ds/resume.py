@@ -79,7 +79,9 @@ def _check_state(target: Path, saved: TrainState, cfg: Config, ds: dict, global_
 
 # Fields a resume may change freely (logged); the schedule fields need --allow_schedule_change.
 SAFE_TRAINING_CHANGES = {"checkpoint_every", "log_every", "eval_every", "eval_max_batches", "keep_checkpoints",
-                         "export", "num_workers", "max_skipped_steps"}
+                         "export", "num_workers", "max_skipped_steps",
+                         # torch.compile changes how the step runs, not what it computes or what a checkpoint holds
+                         "compile"}
 SCHEDULE_FIELDS = {"max_steps", "epochs_shared"}
 # Where the prepared token files live is a cache location: a folder holding other data is refused by prepare.prepare
 # (its identity differs) and another tokenizer by the tokenizer sha256 check, so moving the cache is safe.

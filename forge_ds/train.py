@@ -108,9 +108,8 @@ def fit(run: Run) -> str:
         # 1. forward / backward over the accumulation micro-batches (DeepSpeed steps at the boundary)
         started, lr = time.perf_counter(), engine.get_lr()[0]  # the rate this step applies
         local_loss = run.stepper.step(batches, state.step)
-        # 2. agree across ranks: mean loss and stop signals (one collective), then the health checks
-        total, stop_flag = distributed.all_reduce([local_loss, float(preemption.local_stop_requested())])
-        train_loss, grad_norm = total / run.env.world_size, run.stepper.grad_norm()
+        # 2. agree across ranks: mean loss and stop signals (one collective, one host read), then the health checks
+        train_loss, stop_flag, grad_norm = run.stepper.read(local_loss, preemption.local_stop_requested())
         state.advance(run.sampler.global_batch, run.cfg.model.max_seq_len)
         if state.step == first_step:
             distributed.set_timeout(distributed.TRAINING_TIMEOUT)
@@ -128,7 +127,7 @@ def fit(run: Run) -> str:
         if state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
             save(run)
             last_saved = state.step
-        if stop_flag > 0:
+        if stop_flag:
             reason = "signal"
             break
     else:

@@ -98,3 +98,23 @@ def test_export_memory_bench_measures_the_live_export_on_rank_0(tmp_path):
         if reader.endswith("heap trimmed"):
             # With freed memory handed back first, the export's own demand shows: it holds every tensor at once.
             assert r["peak_growth_mib"] > 0.5 * r["shared_fp32_mib"], (stage, reader, r)
+
+
+def test_host_overhead_counts_syncs_by_caller_and_one_per_step_in_forge_ds(tmp_path):
+    # The counts are exact (issue 17): forge_ds reads the device once per optimizer step whatever the
+    # accumulation, the plain loop once per micro-step, and DeepSpeed's throughput timer syncs twice a
+    # micro-step only when a config turns it back on.
+    out = tmp_path / "host.json"
+    run_script([str(ROOT / "benchmarks" / "host_overhead.py"), "--configs", "plain,zero2,zero2 +tput timer",
+                "--cases", "1x2", "--rounds", "0", "--count_steps", "2", "--workdir", str(tmp_path / "w"),
+                "--json", str(out)], tmp_path)
+    counts = json.loads(out.read_text())["counts"]["1x2"]
+
+    def syncs(name, package):
+        return sum(v for k, v in counts[name]["syncs_per_step"].items() if k.startswith(package + " / "))
+
+    assert syncs("plain", "loop") == 2 and syncs("zero2", "forge_ds") == 1
+    assert syncs("zero2 +tput timer", "deepspeed") - syncs("zero2", "deepspeed") == 2 * 2
+    for name in counts:
+        assert counts[name]["aten_ops_per_step"] > 1000 and sum(counts[name]["python_calls_per_step"].values()) > 0
+    assert counts["zero2"]["python_calls_per_step"]["deepspeed"] > 0

@@ -65,7 +65,8 @@ def test_shipped_configs_parse_with_deepspeed(name, precision, monkeypatch):
     assert parsed.train_batch_size == 4 * 3 * 2
     assert parsed.bfloat16_config.enabled is (precision == "bf16")
     assert parsed.float16_config.enabled is False
-    assert parsed.gradient_clipping == 1.0
+    # ZeRO-0 without bf16 weights steps torch's AdamW unwrapped: the loop clips there, DeepSpeed does not
+    assert parsed.gradient_clipping == (0.0 if name == "zero0" and precision == "fp32" else 1.0)
     assert parsed.optimizer_name == "adamw"
     assert parsed.optimizer_params["lr"] == 3e-4
     if name == "zero3_offload":
@@ -245,3 +246,88 @@ def test_arch_list_made_parseable_for_deepspeed_op_builds(given, wanted):
     assert update == ({"TORCH_CUDA_ARCH_LIST": wanted} if wanted else {})
     for cc in filter(None, (update.get("TORCH_CUDA_ARCH_LIST") or given or "").replace(" ", ";").split(";")):
         tuple(int(part.split("+")[0]) for part in cc.split("."))  # DeepSpeed 0.19.8's parse, on what it will see
+
+
+def test_throughput_timer_sync_off_unless_asked_for():
+    """DeepSpeed's throughput timer synchronizes the device at every forward() and step(); forge_ds never prints
+    its samples/s. A config that configures it keeps its choice."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    out = resolve(base(), world_size=1, micro_batch=4, grad_accum=3)
+    assert out["timers"] == {"throughput": {"enabled": False}}
+    assert DeepSpeedConfig(out).timers_config.enabled is False
+    asked = base()
+    asked["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
+    assert resolve(asked)["timers"]["throughput"] == {"enabled": True, "synchronized": True}
+
+
+def test_deepcompile_needs_cuda():
+    ds = base()
+    ds["compile"] = {"deepcompile": True}
+    with pytest.raises(ForgeError, match="compile.deepcompile=true needs a CUDA GPU"):
+        resolve(ds, device="cpu")
+    assert resolve(ds, device="cuda")["compile"] == {"deepcompile": True}
+
+
+def test_torch_autocast_keeps_fp32_weights_and_follows_precision():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = load_ds_config("zero0")
+    ds["torch_autocast"] = {"enabled": True, "dtype": "auto"}
+    out = resolve(ds, world_size=1, micro_batch=4, grad_accum=3, precision="bf16")
+    assert out["torch_autocast"]["dtype"] == "bfloat16"
+    assert out["bf16"]["enabled"] is False and out["fp16"]["enabled"] is False  # no DeepSpeed bf16 weights
+    parsed = DeepSpeedConfig(out)
+    assert parsed.torch_autocast_enabled and not parsed.bfloat16_config.enabled
+    with pytest.raises(ForgeError, match="torch_autocast.enabled=true but training.precision=fp32"):
+        resolve(ds, precision="fp32")
+    ds["torch_autocast"]["dtype"] = "float16"
+    with pytest.raises(ForgeError, match="torch_autocast.dtype=\"float16\" contradicts training.precision=bf16"):
+        resolve(ds)
+    ds["torch_autocast"]["dtype"] = "bfloat16"
+    ds["bf16"]["enabled"] = True
+    with pytest.raises(ForgeError, match="bf16.enabled=true contradicts training.precision under torch_autocast"):
+        resolve(ds)
+
+
+def test_shipped_autocast_config_follows_precision():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    bf16 = resolve(load_ds_config("zero0_autocast"), world_size=1, micro_batch=4, grad_accum=3)
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and bf16["bf16"]["enabled"] is False
+    assert DeepSpeedConfig(bf16).torch_autocast_enabled
+    fp32 = resolve(load_ds_config("zero0_autocast"), world_size=1, micro_batch=4, grad_accum=3, precision="fp32")
+    assert fp32["torch_autocast"]["enabled"] is False and not DeepSpeedConfig(fp32).torch_autocast_enabled
+
+
+def test_forge_ds_clips_at_zero0_without_a_wrapper_and_never_twice():
+    """torch's foreach clip_grad_norm_ (the loop's) instead of DeepSpeed's per-tensor one where the optimizer is
+    unwrapped; DeepSpeed clips everywhere else, and whenever the JSON says so explicitly."""
+    import torch
+
+    from forge_ds.engine import grad_norm_of
+
+    z0 = dict(world_size=1, micro_batch=4, grad_accum=3)
+    assert resolve(load_ds_config("zero0"), precision="fp32", **z0)["gradient_clipping"] == 0.0
+    assert resolve(load_ds_config("zero0_autocast"), **z0)["gradient_clipping"] == 0.0
+    assert resolve(load_ds_config("zero0"), precision="bf16", **z0)["gradient_clipping"] == 1.0  # FP16_Optimizer
+    assert resolve(base(), precision="fp32")["gradient_clipping"] == 1.0
+    explicit = load_ds_config("zero0")
+    explicit["gradient_clipping"] = 1.0
+    assert resolve(explicit, precision="fp32", **z0)["gradient_clipping"] == 1.0
+    # the same clipped gradients and norm as DeepSpeed's path
+    torch.manual_seed(0)
+    ours, theirs = (torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)) for _ in range(2))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 8)
+    for model in (ours, theirs):
+        model(x).pow(2).sum().mul(100).backward()
+    norm = grad_norm_of(ours, clip_to=1.0)
+    # deepspeed.runtime.utils.clip_grad_norm_ (which needs a process group), written out: per-tensor norms,
+    # their L2 total, then grads *= max_norm / (total + 1e-6) when that is below 1
+    reference = float(sum(p.grad.float().norm() ** 2 for p in theirs.parameters()) ** 0.5)
+    for p in theirs.parameters():
+        p.grad.mul_(1.0 / (reference + 1e-6))
+    assert norm.item() > 1.0 and abs(norm.item() - reference) < 1e-4 * reference
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
