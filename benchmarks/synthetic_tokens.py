@@ -4,7 +4,7 @@ The embedded corpus holds 99 windows at GPT-2's T1024 and 198 at ModularForge's 
 B64 or B128. This copies a prepared folder (tokenizer, validation split, meta.json) and writes its train.bin as the
 original training tokens repeated until it holds --windows windows of --seq_len + 1 tokens. The token statistics
 stay real (the same text, again); throughput does not depend on what the tokens say. meta.json keeps the source
-identity, so `data.prepare` reuses the folder as it is, and records the new train_tokens.
+identity, so `prepare.prepare` reuses the folder as it is, and records the new train_tokens.
 
     python benchmarks/synthetic_tokens.py PREPARED OUT --seq_len 512 --windows 4096
 """
