@@ -98,7 +98,10 @@ def collectives(shape: mm.Shape, stage: int, world: int, precision: str, grad_ac
     p, psi = mm.STATE_BYTES[precision], shape.trainable
     reduce_bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
     if stage == 0:  # the engine all-reduces the whole gradient at the boundary, in 5e8-element buffers
-        return {"all_reduce": [n * p for n in _buckets(psi, 500_000_000)] + [4]}
+        # In fp32 the optimizer is unwrapped and forge_ds clips with torch's clip_grad_norm_ on the averaged
+        # gradients (engine.Stepper): no norm all-reduce of DeepSpeed's. bf16's FP16_Optimizer still sends one.
+        norm = [] if precision == "fp32" else [4]
+        return {"all_reduce": [n * p for n in _buckets(psi, 500_000_000)] + norm}
     if stage in (1, 2):
         micro = grad_accum if stage == 2 else 1  # ZeRO-2 reduces every micro-batch, ZeRO-1 at the boundary
         gathers = [mm.group_partition(sum(g), world) * p for g in mm.optimizer_groups(shape) if g and world > 1]

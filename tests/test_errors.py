@@ -222,7 +222,7 @@ CASES = {
         lambda w: [f"--deepspeed_config={w.inputs / 'contra.json'}"],
         ["contra.json", "train_micro_batch_size_per_gpu=8", "training.batch_size=4"]),
     "ds_config_file_missing": (lambda w: [f"--deepspeed_config={w.inputs / 'missing.json'}"],
-                               ["missing.json", "zero0, zero1, zero2"]),
+                               ["missing.json", "zero0, zero0_autocast, zero1, zero2"]),
     "corpus_path_missing": (lambda w: [f"--data.source={w.inputs / 'nope.txt'}"], ["nope.txt", "does not exist"]),
     "empty_corpus": (lambda w: [f"--data.source={w.inputs / 'empty.txt'}",
                                 f"--data.prepared_dir={w.inputs / 'prep-empty'}"], ["empty.txt", "is empty"]),
