@@ -99,7 +99,21 @@ def plan(config: Optional[str] = None, nodes: int = 1, gpus_per_node: int = 8, g
          mfu: Optional[float] = None, tokens: Optional[int] = None, global_batch: Optional[int] = None,
          **overrides) -> None:
     """Memory, communication and time per step for each ZeRO stage on N nodes x G GPUs, and the configuration it
-    recommends (docs/SCALING.md). Takes train's config flags; nothing is prepared or launched."""
+    recommends (docs/SCALING.md). Takes train's config flags; nothing is prepared or launched.
+
+    Flags:
+    config: a YAML/JSON config file or a preset, as for train
+    nodes: nodes in the job
+    gpus_per_node: ranks per node
+    gpu: a device of forge_ds/metrics.py's DEVICES table: H100 (SXM), "H100 PCIe", H200, "A100 40GB",
+        "A100 80GB", L40S, A10G, cpu; default H100
+    peak_tflops: per-GPU dense bf16 peak (with --memory_gb: a device not in the table)
+    memory_gb: per-GPU memory
+    intra_node_gbps: Gbit/s per direction between the GPUs of a node
+    inter_node_gbps: Gbit/s per direction per GPU across nodes
+    mfu: fraction of peak the kernels reach; default 0.24 (measured, docs/PERFORMANCE.md)
+    tokens: training tokens when the data is not prepared (else meta.json; else bytes / 4)
+    global_batch: sequences per optimizer step to hold; default batch_size x accumulation x ranks"""
     from forge_ds.plan_report import plan_command
 
     plan_command(config, nodes, gpus_per_node, gpu, peak_tflops, memory_gb, intra_node_gbps, inter_node_gbps, mfu,

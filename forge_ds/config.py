@@ -281,13 +281,3 @@ def modularforge_yaml(cfg: Config) -> str:
         if conf:
             doc["data"]["dataset_config"] = conf
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-def help_text() -> str:
-    """Every config field with its type and default (fire cannot see dotted fields, so we list them)."""
-    lines = []
-    for section, model in (("model", ModelConfig), ("training", TrainingConfig), ("data", DataConfig)):
-        for name, field in model.model_fields.items():
-            ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-            lines.append(f"  --{section}.{name:<28} {ann:<40} default {field.default!r}")
-    return "\n".join(lines)

@@ -8,27 +8,16 @@ from forge_ds.plan import Plan, hardware, make_plan, stops_helping
 
 TRAIN_ONLY_OPTIONS = ("deepspeed_config", "output_dir", "resume", "overwrite", "stop_after_steps", "init_from",
                       "allow_schedule_change", "tensorboard_dir", "local_rank", "world_size")
-PLAN_HELP = """usage: forge-ds plan [--config=…] [--section.field=value ...] --nodes=N --gpus_per_node=G [hardware]
-hardware (defaults: the --gpu entry of forge_ds/metrics.py's DEVICES table; docs/SCALING.md):
-  --gpu=NAME                  H100 (SXM), "H100 PCIe", H200, "A100 40GB", "A100 80GB", L40S, A10G, cpu; default H100
-  --peak_tflops=F --memory_gb=F   per-GPU dense bf16 peak and memory (both: a device not in the table)
-  --mfu=F                     fraction of peak the kernels reach; default 0.24 (measured, docs/PERFORMANCE.md)
-  --intra_node_gbps=F         Gbit/s per direction between the GPUs of a node; --inter_node_gbps=F per GPU across
-  --tokens=N                  training tokens when the data is not prepared (else meta.json; else bytes / 4)
-  --global_batch=N            sequences per optimizer step to hold; default batch_size x accumulation x ranks
-config fields (type, default), as dotted flags:"""
+
 
 
 def plan_command(config, nodes, gpus_per_node, gpu, peak_tflops, memory_gb, intra_gbps, inter_gbps, mfu, tokens,
                  global_batch, overrides: dict) -> None:
-    """`forge-ds plan` after fire parsed it: --help, the config (defaults < file < flags), the plan, the text."""
+    """`forge-ds plan` after fire parsed it: the config (defaults < file < flags), the plan, the text (its --help
+    is usage.py's, from cli.plan's signature and docstring)."""
     from forge_ds import config as config_mod
 
     overrides = dict(overrides)
-    if overrides.pop("help", False):
-        print(PLAN_HELP)
-        print(config_mod.help_text())
-        raise SystemExit(0)
     # train's run options may come along with a copied train command line; the plan covers every stage anyway.
     ignored = [key for key in TRAIN_ONLY_OPTIONS if overrides.pop(key, None) is not None]
     cfg, notes = config_mod.resolve(config, overrides)

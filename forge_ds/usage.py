@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 from forge_ds.config import DataConfig, ModelConfig, TrainingConfig
 
 _SECTIONS = (("model", ModelConfig), ("training", TrainingConfig), ("data", DataConfig))
+_CONFIG_HEADING = "config fields, as dotted flags (defaults < --config file < these flags):\n"
 _BOUNDS = (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
 
 
@@ -52,17 +53,38 @@ def _table(rows: list[tuple[str, ...]]) -> str:
                       for row in rows)
 
 
+def _split_doc(fn: Callable) -> tuple[str, dict[str, str]]:
+    """A command's docstring as (summary, {flag: description}); descriptions come from a `Flags:` section of
+    `name: text` lines (a line without a colon continues the one above)."""
+    summary, _, section = (inspect.getdoc(fn) or "").partition("\nFlags:\n")
+    described: dict[str, str] = {}
+    last = None
+    for line in section.splitlines():
+        name, colon, text = line.strip().partition(": ")
+        if colon and " " not in name:
+            last, described[name] = name, text
+        elif last:
+            described[last] += " " + line.strip()
+    return summary.strip(), described
+
+
 def _signature_rows(fn: Callable) -> list[tuple[str, str, str, str]]:
     rows = []
     hints = typing.get_type_hints(fn)
+    described = _split_doc(fn)[1]
     for name, p in inspect.signature(fn).parameters.items():
         if p.kind is p.VAR_KEYWORD or name == "local_rank":
             continue
+        about = described.get(name, "")
         if p.default is p.empty:
-            rows.append((name.upper(), allowed_values(hints.get(name, str)), "required", ""))
+            rows.append((name.upper(), allowed_values(hints.get(name, str)), "required", about))
         else:
-            rows.append((f"--{name}", allowed_values(hints.get(name, str)), f"default {p.default!r}", ""))
+            rows.append((f"--{name}", allowed_values(hints.get(name, str)), f"default {p.default!r}", about))
     return rows
+
+
+def _config_rows() -> list[tuple[str, str, str, str]]:
+    return [row for section, model in _SECTIONS for row in _rows_of(model, f"{section}.")]
 
 
 def command_help(command: Optional[str], commands: dict[str, Callable],
@@ -72,13 +94,16 @@ def command_help(command: Optional[str], commands: dict[str, Callable],
                 for name, fn in commands.items()]
         return "usage: forge-ds COMMAND [flags]   (forge-ds COMMAND --help for its flags)\n\ncommands:\n" + _table(rows)
     fn = commands[command]
-    doc = inspect.getdoc(fn) or ""
+    doc = _split_doc(fn)[0]
     if command not in typed:
         rows = _signature_rows(fn)
         positional = " ".join(r[0] for r in rows if r[2] == "required")
         text = " ".join(filter(None, ["usage: forge-ds", command, positional, "[flags]"])) + f"\n\n{doc}\n"
         extra = [r for r in rows if r[2] != "required"]
-        return text + ("\nflags:\n" + _table(extra) if extra else "")
+        text += "\nflags:\n" + _table(extra) if extra else ""
+        if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+            text += "\n\n" + _CONFIG_HEADING + _table(_config_rows())
+        return text
     options_type, with_config = typed[command]
     text = f"usage: forge-ds {command} [flags] [--section.field=value ...]\n\n{doc}\n"
     if options_type is not None:
@@ -89,6 +114,5 @@ def command_help(command: Optional[str], commands: dict[str, Callable],
     else:
         text += "\n  --config  a YAML/JSON config file, a preset (modularforge, cpu_demo) or ModularForge's YAML\n"
     if with_config:
-        rows = [row for section, model in _SECTIONS for row in _rows_of(model, f"{section}.")]
-        text += "\nconfig fields, as dotted flags (defaults < --config file < these flags):\n" + _table(rows)
+        text += "\n" + _CONFIG_HEADING + _table(_config_rows())
     return text

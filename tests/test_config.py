@@ -291,14 +291,17 @@ def test_train_help_spells_out_allowed_values_not_python_types():
     assert len(columns) == 1  # aligned
 
 
-@pytest.mark.parametrize("command", ["check", "export", "verify", "evaluate", "sample", "convert-universal",
-                                     "slurm-template"])
+@pytest.mark.parametrize("command", ["check", "plan", "export", "verify", "evaluate", "sample",
+                                     "convert-universal", "slurm-template"])
 def test_each_command_help_describes_that_command(command):
     from forge_ds import cli, usage
 
     text = usage.command_help(command, cli.COMMANDS, cli.TYPED_FLAGS)
     assert text.startswith(f"usage: forge-ds {command} ")
     assert (cli.COMMANDS[command].__doc__ or "").split()[0] in text
+    if command == "plan":  # its own flags described from its docstring, then train's config fields
+        assert "nodes in the job" in next(l for l in text.splitlines() if l.strip().startswith("--nodes "))
+        assert "Flags:" not in text and "--model.d_model" in text
 
 
 def test_prepare_help_is_prepares_own_and_goes_to_stdout():
