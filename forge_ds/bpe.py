@@ -19,8 +19,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from forge_ds.errors import ForgeError
-from forge_ds.sources import one_line
+from forge_ds.errors import ForgeError, describe
 from forge_ds.tokens import BOS_ID, EOS_ID, MIN_BPE_VOCAB, SPECIAL_TOKENS
 
 IN_PROCESS_SAMPLE_BYTES = 8 << 20  # smaller samples train in a few seconds: not worth a child's start-up
@@ -50,7 +49,7 @@ def load_tokenizer(path: str, vocab_size: int) -> tokenizers.Tokenizer:
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as exc:
-        raise ForgeError(f"could not load tokenizer {str(path)!r} ({one_line(exc)}); pass a tokenizers "
+        raise ForgeError(f"could not load tokenizer {str(path)!r} ({describe(exc, 300)}); pass a tokenizers "
                          "tokenizer.json") from exc
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids != list(range(len(SPECIAL_TOKENS))):

@@ -175,3 +175,8 @@ def unigram_entropy(bin_path, dtype=None) -> float:
         counts[:len(chunk)] += chunk
     p = counts[counts > 0] / len(tokens)
     return float(-(p * np.log(p)).sum())
+
+
+def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # non_blocking: from pinned memory (the loader's, on a GPU) the copy overlaps the step still queued there.
+    return tuple(t.to(device, non_blocking=True) for t in batch)

@@ -144,15 +144,14 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return list(values)
     device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
-    return t.cpu().tolist()
+    return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device), op).cpu().tolist()
 
 
-def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor across ranks where it lives (no host read: on a GPU the reduction is queued behind the step)."""
+def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce a tensor across ranks where it lives (no host read: on a GPU the reduction is queued behind the
+    step)."""
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
     return t
 
 

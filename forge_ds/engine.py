@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from forge_ds import distributed, ds_config, faults
+from forge_ds import data, distributed, ds_config, faults
 from forge_ds.config import Config
 from forge_ds.errors import TrainingDiverged
 from forge_ds.model import SharedTrainingModel, initialize, optimizer_groups
@@ -74,11 +74,6 @@ def seed_dropout(seed: int, device: str) -> None:
     torch.default_generator.manual_seed(seed)
 
 
-def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # non_blocking: from pinned memory (the loader's, on a GPU) the copy overlaps the step still queued there.
-    return tuple(t.to(device, non_blocking=True) for t in batch)
-
-
 def grad_norm_of(module: torch.nn.Module, clip_to: float = 0.0) -> Optional[torch.Tensor]:
     """Global L2 norm of the gradients held in `module` (ZeRO-0: every rank holds the full, averaged gradients),
     before clipping them to `clip_to` (0: no clipping). Left on the device: the loop reads it with the loss, in
@@ -120,7 +115,7 @@ class Stepper:
         engine, loss_sum, skipped_before = self.engine, None, self.skipped_steps()
         for micro in range(self.grad_accum):
             seed_dropout(dropout_seed(self.seed, step, micro * self.world_size + self.rank), self.device)
-            x, y = to_device(next(batches), self.device)
+            x, y = data.to_device(next(batches), self.device)
             loss = engine(x, y)
             faults.point("train_step", step=step + 1)  # tests: a rank dies or hangs mid-step
             if self.nan_at == step + 1:

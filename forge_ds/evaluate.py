@@ -141,7 +141,7 @@ def batches_per_rank(n_windows: int, world: int, batch_size: int, max_batches: O
 
 
 def get_batch(windows: data.TokenWindows, indices: list[int], device: str):
-    return tuple(t.to(device, non_blocking=True) for t in data.stack_windows(windows, indices))
+    return data.to_device(data.stack_windows(windows, indices), device)
 
 
 def resolve_device(device: str) -> str:

@@ -68,11 +68,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def save_safetensors_streamed(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """write_safetensors_streamed, atomically."""
-    atomic_write(path, lambda tmp: write_safetensors_streamed(state, tmp, metadata))
-
-
 def write_safetensors_streamed(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """What safetensors' `save_file` writes, byte for byte (8-byte little-endian header length, compact JSON header
     padded with spaces to 8 bytes, the tensors end to end sorted by dtype then name: by name here, all fp32), but

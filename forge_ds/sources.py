@@ -16,18 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from forge_ds.errors import ForgeError
+from forge_ds.errors import ForgeError, describe
 
 # CPython 3.11.7's pydoc help topics, shipped: each Python release regenerates them, so reading the running
 # interpreter's would give every Python a different "default corpus" (and docs/QUALITY.md's figures only on 3.11.7).
 PYDOC_CORPUS = Path(__file__).parent / "corpus" / "pydoc_topics-3.11.7.json.gz"
 SCAN_BATCH = 1_000  # rows per filter batch: about a MB of text for typical documents
 READ_CHUNK = 1 << 20  # bytes the text/json builders read at a time (their default, 10 MB, costs ~60 MB of RAM)
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def pydoc_topics() -> dict[str, str]:
@@ -104,7 +99,7 @@ def _load_local(builder: str, files: list[Path], cache_dir: Path, **kwargs):
     except Exception as exc:  # a malformed user file surfaces as many different exception types
         where = _first_bad_jsonl_line(files[0]) if builder == "json" else None
         raise ForgeError(where or f"could not read {', '.join(map(str, files[:3]))} with the {builder!r} loader "
-                         f"({one_line(exc)}); check the file format") from exc
+                         f"({describe(exc, 300)}); check the file format") from exc
 
 
 def jsonl_line(path: Path, row: int) -> str:
@@ -145,7 +140,7 @@ def _hub_or_saved(source: str, kind: str, path: Path | None):
         try:
             return datasets.load_dataset(name, config or None, split="train")
         except Exception as exc:
-            raise ForgeError(f"could not load {source} ({one_line(exc)}); offline? set HF_DATASETS_OFFLINE=0 / "
+            raise ForgeError(f"could not load {source} ({describe(exc, 300)}); offline? set HF_DATASETS_OFFLINE=0 / "
                              "pre-download it, or save_to_disk it and pass that directory") from exc
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):

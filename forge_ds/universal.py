@@ -25,6 +25,7 @@ import torch
 
 from forge_ds import checkpoint
 from forge_ds.errors import ForgeError, describe
+from forge_ds.files import atomic_write_text
 
 SUFFIX = "_universal"
 LATEST_UNIVERSAL = "latest_universal"
@@ -45,7 +46,7 @@ def convert(ckpt: Path, workers: int = 1) -> Path:
                          "resumes from it directly; no conversion needed")
     out = universal_dir(ckpt)
     if checkpoint.is_complete(out) and _same_source(ckpt, out):
-        checkpoint.atomic_write_text(ckpt.parent / LATEST_UNIVERSAL, out.name)
+        atomic_write_text(ckpt.parent / LATEST_UNIVERSAL, out.name)
         return out
     shutil.rmtree(out, ignore_errors=True)
     from deepspeed.checkpoint import ds_to_universal
@@ -68,8 +69,8 @@ def convert(ckpt: Path, workers: int = 1) -> Path:
     if (ckpt / checkpoint.MANIFEST).is_file():
         shutil.copy2(ckpt / checkpoint.MANIFEST, out / SOURCE_MANIFEST)
     (out / "ds_to_universal.log").write_text(log.getvalue(), encoding="utf-8")
-    checkpoint.atomic_write_text(out / checkpoint.COMPLETE, "")
-    checkpoint.atomic_write_text(ckpt.parent / LATEST_UNIVERSAL, out.name)
+    atomic_write_text(out / checkpoint.COMPLETE, "")
+    atomic_write_text(ckpt.parent / LATEST_UNIVERSAL, out.name)
     return out
 
 

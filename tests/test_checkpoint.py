@@ -316,14 +316,14 @@ def test_streamed_safetensors_equals_save_file_byte_for_byte(tmp_path):
     """The export writes safetensors itself (save_file refuses the tie, an untied copy costs memory): same bytes."""
     from safetensors.torch import save_file
 
-    from forge_ds.files import save_safetensors_streamed
+    from forge_ds.files import atomic_write, write_safetensors_streamed
 
     g = torch.Generator().manual_seed(0)
     shapes = {"blocks.10.w": (3, 5), "blocks.2.w": (7,), "B": (), "a": (2, 0), "z": (4, 4)}  # order, scalar, empty
     state = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
     state["tied"] = state["z"]  # as the LM head is the embedding: save_file gets an untied copy
     save_file({k: v.clone() for k, v in state.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
-    save_safetensors_streamed(state, tmp_path / "ours.safetensors", {"format": "pt"})
+    atomic_write(tmp_path / "ours.safetensors", lambda tmp: write_safetensors_streamed(state, tmp, {"format": "pt"}))
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "ref.safetensors"]  # no temp left
 
