@@ -118,11 +118,11 @@ def fit(run: Run) -> str:
         # 3. log
         run.metrics.train_step(state.step, train_loss, lr, grad_norm, time.perf_counter() - started,
                                state.step / run.sampler.steps_per_epoch, loss_scale=run.stepper.loss_scale(),
-                               skipped_steps=getattr(engine, "skipped_steps", None))
+                               skipped_steps=run.stepper.skipped_steps())
         faults.point("after_step")  # tests: `after_step:sleep0.5` slows steps so a signal lands mid-run
         # 4. evaluate
         if state.step % t.eval_every == 0 and state.step < run.total_steps and evaluate_and_track(run) is None:
-            stop_flag = 1.0  # a stop signal ended the evaluation: every rank agreed, now save and stop
+            stop_flag = True  # a stop signal ended the evaluation: every rank agreed, now save and stop
         # 5. checkpoint
         if state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
             save(run)
