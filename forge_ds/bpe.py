@@ -79,7 +79,7 @@ def ignore_ctrl_c() -> None:
 
 
 def texts_by_row(docs, rows, progress=None):
-    """The documents at `rows` of an encode.ArrowDocs, in that order, read a batch at a time."""
+    """The documents at `rows` of a sources.ArrowDocs, in that order, read a batch at a time."""
     for start in range(0, len(rows), READ_BATCH):
         texts = docs.texts(rows[start:start + READ_BATCH])
         if progress is not None:

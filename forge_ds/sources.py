@@ -1,8 +1,8 @@
 """The corpus kinds a run reads, opened as memory-mapped Arrow tables, and the one pass that filters them.
 
 No kind is read into a Python list: local files go through datasets' builders into an Arrow cache on disk
-(written in chunks), saved datasets and hub datasets already are Arrow files, and the filter pass walks the table
-in batches, keeping one row number and one byte count per kept document.
+(written in chunks), hub datasets stream into an Arrow file of our own, saved datasets already are Arrow files,
+and the filter pass walks the table in batches, keeping one row number and one byte count per kept document.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import array
 import codecs
 import gzip
 import json
+import mmap
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,19 +131,12 @@ class Source:
         return jsonl_line(self.path, row) if self.kind == "jsonl" else f"row {row}"
 
 
-def _hub_or_saved(source: str, kind: str, path: Path | None):
+def _embedded_or_saved(source: str, kind: str, path: Path | None):
     import datasets
 
     if kind == "pydoc":
         topics = pydoc_topics()
         return datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
-    if kind == "hf":
-        name, _, config = source[3:].partition(":")
-        try:
-            return datasets.load_dataset(name, config or None, split="train")
-        except Exception as exc:
-            raise ForgeError(f"could not load {source} ({describe(exc, 300)}); offline? set HF_DATASETS_OFFLINE=0 / "
-                             "pre-download it, or save_to_disk it and pass that directory") from exc
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
@@ -151,11 +146,69 @@ def _hub_or_saved(source: str, kind: str, path: Path | None):
     return ds
 
 
-def open_source(source: str, text_field: str, cache_dir: Path) -> Source:
-    """The corpus as a memory-mapped table in source order; local text files are converted into `cache_dir`."""
+def _hub(source: str, text_field: str, cache_dir: Path, show_progress: bool):
+    """hf:<name>[:<config>]'s train split in datasets' streaming mode, its text column copied into one Arrow file
+    in `cache_dir` as it arrives: the split reads documents by index, which a stream cannot, and the hub's files
+    are neither downloaded whole nor converted a second time into datasets' cache (for a 100 GB corpus, 200 GB
+    of disk less). Offline nothing can stream, so there a copy pre-downloaded into that cache is loaded."""
+    import datasets
+
+    name, _, config = source[3:].partition(":")
+    copy = cache_dir / "hub-train.arrow"  # complete, or absent: kept by an interrupted preparation
+    try:
+        if datasets.config.HF_HUB_OFFLINE:
+            return datasets.load_dataset(name, config or None, split="train")
+        if not copy.is_file():
+            stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
+            _copy_stream(stream, source, text_field, copy, show_progress)
+    except ForgeError:
+        raise
+    except Exception as exc:
+        raise ForgeError(f"could not load {source} ({describe(exc, 300)}); offline? set HF_HUB_OFFLINE=0 / "
+                         "pre-download it, or save_to_disk it and pass that directory") from exc
+    return datasets.Dataset.from_file(str(copy))
+
+
+def _copy_stream(stream, source: str, text_field: str, copy: Path, show_progress: bool) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from tqdm import tqdm
+
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    tmp, row = copy.with_name(f".{copy.name}.tmp{os.getpid()}"), 0
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, pa.schema([(text_field, pa.string())])) as out, \
+            tqdm(desc=f"streaming {source}", unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+                 disable=not show_progress) as bar:
+        for batch in stream.iter(batch_size=SCAN_BATCH):  # one batch in memory: the stream is never listed
+            if text_field not in batch:
+                raise ForgeError(f"row {row} of {source} has no field {text_field!r} (columns: {sorted(batch)}); "
+                                 "set --data.text_field")
+            try:
+                texts = pa.array(batch[text_field], type=pa.string())
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise ForgeError(f"rows {row}-{row + len(batch[text_field]) - 1} of {source}: field {text_field!r} "
+                                 f"is not text ({describe(exc, 120)}); set --data.text_field") from exc
+            out.write_batch(pa.record_batch([texts], names=[text_field]))
+            row += len(texts)
+            bar.update(pc.sum(pc.binary_length(texts)).as_py() or 0)
+    os.replace(tmp, copy)
+
+
+def open_source(source: str, text_field: str, cache_dir: Path, show_progress: bool = False) -> Source:
+    """The corpus as a memory-mapped table in source order, its text field checked; local text files and hub
+    streams are written into `cache_dir`."""
+    src = _open(source, text_field, cache_dir, show_progress)
+    _check_field(src)
+    return src
+
+
+def _open(source: str, text_field: str, cache_dir: Path, show_progress: bool) -> Source:
     kind, path = classify(source)
-    if kind in ("pydoc", "hf", "disk"):
-        ds = _hub_or_saved(source, kind, path)
+    if kind == "hf":
+        return Source(source, kind, _hub(source, text_field, cache_dir, show_progress), text_field,
+                      bad_rows=lambda row: False)
+    if kind in ("pydoc", "disk"):
+        ds = _embedded_or_saved(source, kind, path)
         field_name = "text" if kind == "pydoc" else text_field
         return Source(source, kind, ds, field_name, path, bad_rows=lambda row: False)
     # Text files. Policy for bytes that are not UTF-8: replace them with U+FFFD (one bad byte should not kill a
@@ -195,14 +248,14 @@ def _check_field(src: Source) -> None:
                          f"{src.ds.column_names}); set --data.text_field")
 
 
-def scan(src: Source, min_article_length: int = 0, max_articles: int | None = None, progress=None) -> Kept:
-    """One pass over the table: whitespace-only documents dropped always, those shorter than `min_article_length`
-    characters dropped, then the first `max_articles` kept."""
-    _check_field(src)
+def scan(src: Source, files: list[str], min_article_length: int = 0, max_articles: int | None = None,
+         progress=None) -> Kept:
+    """One pass over the table (`files`, from table_files): whitespace-only documents dropped always, those
+    shorter than `min_article_length` characters dropped, then the first `max_articles` kept."""
     rows, sizes, non_utf8 = array.array("q"), array.array("q"), 0  # 8 bytes a document, not a Python int's 28
-    table = src.ds.select_columns([src.text_field]).with_format("arrow")
-    for start in range(0, len(table), SCAN_BATCH):
-        texts, batch_bytes = table[start:start + SCAN_BATCH].column(0).to_pylist(), 0
+    docs = open_table(files, src.text_field)
+    for start in range(0, len(docs), SCAN_BATCH):
+        texts, batch_bytes = docs.range_texts(start, start + SCAN_BATCH), 0
         for i, text in enumerate(texts, start):
             if not isinstance(text, str):
                 what = "has no field" if text is None else "has a non-string field"
@@ -225,22 +278,64 @@ def scan(src: Source, min_article_length: int = 0, max_articles: int | None = No
     return Kept(np.asarray(rows, dtype=np.int64), np.asarray(sizes, dtype=np.int64), int(non_utf8))
 
 
+def table_files(src: Source, work: Path) -> list[str]:
+    """The Arrow files behind the source, which scan and worker processes map for themselves; an in-memory table
+    (the embedded corpus) or one with an index mapping is written out to `work` first."""
+    import datasets
+
+    ds = src.ds
+    if not ds.cache_files or ds._indices is not None:
+        saved = work / "table"
+        if not (saved / "state.json").is_file():
+            tmp = work / f".table.tmp{os.getpid()}"
+            ds.select_columns([src.text_field]).flatten_indices().save_to_disk(str(tmp))
+            os.replace(tmp, saved)
+        ds = datasets.load_from_disk(str(saved))
+    return [c["filename"] for c in ds.cache_files]
+
+
 class ArrowDocs:
     """One text column of Arrow IPC stream files (datasets' cache format), memory-mapped, read by row number.
 
-    pyarrow alone, not datasets: worker processes start faster and a few hundred MB smaller without it."""
+    pyarrow alone, not datasets: worker processes start faster and a few hundred MB smaller without it. Every read
+    hands the mapped pages back (madvise DONTNEED) once its texts are Python strings. Otherwise each page that a
+    shuffled read touches stays in this process's RSS, which grows to the size of the corpus: page cache that
+    the kernel may drop, but what `top`, SLURM's accounting and a memory cgroup's usage show."""
 
     def __init__(self, table_files: list[str], field: str):
         import pyarrow as pa
 
-        self.chunks = []
+        self.maps, self.chunks = [], []
         for name in table_files:
-            self.chunks += pa.ipc.open_stream(pa.memory_map(name)).read_all().column(field).chunks
+            with open(name, "rb") as f:
+                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self.chunks += pa.ipc.open_stream(pa.py_buffer(self.maps[-1])).read_all().column(field).chunks
         self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+        self._release()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _release(self) -> None:
+        for mapped in self.maps:  # a read-only file mapping: the next read faults its pages in again
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def texts(self, rows: np.ndarray) -> list[str]:
         chunk = np.searchsorted(self.starts, rows, side="right") - 1
-        return [self.chunks[c][int(r - self.starts[c])].as_py() for c, r in zip(chunk.tolist(), rows.tolist())]
+        out = [self.chunks[c][int(r - self.starts[c])].as_py() for c, r in zip(chunk.tolist(), rows.tolist())]
+        self._release()
+        return out
+
+    def range_texts(self, start: int, stop: int) -> list[str]:
+        """Rows start..stop-1, read a chunk slice at a time (a sequential pass: scan)."""
+        out, stop = [], min(stop, len(self))
+        chunk = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            end = min(stop, int(self.starts[chunk + 1]))
+            out += self.chunks[chunk][start - int(self.starts[chunk]):end - int(self.starts[chunk])].to_pylist()
+            start, chunk = end, chunk + 1
+        self._release()
+        return out
 
 
 def open_table(table_files: list[str], field: str) -> ArrowDocs:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,53 @@ def test_a_save_to_disk_dataset_prepares_like_the_same_documents_as_jsonl(tmp_pa
     for name in ("train.bin", "val.bin"):
         assert (saved / name).read_bytes() == (jsonl / name).read_bytes()
     assert data.read_meta(saved)["n_documents"] == {"train": 900, "val": 100}
+
+
+@pytest.mark.parametrize("n,seed", [(0, 0), (1, 0), (2, 3), (17, 1), (1000, 0), (54_321, 7)])
+def test_the_split_shuffle_draws_what_random_shuffle_draws(n, seed):
+    import random
+
+    expected = list(range(n))
+    random.Random(seed).shuffle(expected)
+    assert prepare.shuffled_range(n, seed).tolist() == expected
+
+
+def hub_style_dataset(folder, docs) -> str:
+    """A dataset laid out as on the hub (parquet files named by split, an extra column), as an hf: source."""
+    import datasets
+
+    (folder / "data").mkdir(parents=True)
+    half = len(docs) // 2
+    for i, part in enumerate((docs[:half], docs[half:])):
+        datasets.Dataset.from_dict({"url": ["u"] * len(part), "text": part}).to_parquet(
+            str(folder / "data" / f"train-{i:05d}-of-00002.parquet"))
+    return f"hf:{folder}"
+
+
+def test_an_hf_source_streams_into_our_own_arrow_file_and_prepares_like_its_documents(tmp_path, monkeypatch):
+    import datasets
+
+    docs = [p for p, _ in zip(paragraphs(seed=5), range(1000))]
+    source = hub_style_dataset(tmp_path / "hub", docs)
+    with open(tmp_path / "same.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    kw = dict(vocab_size=300, show_progress=False)
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    before = set(cache.rglob("*"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # online: streaming mode
+    streamed = prepare.prepare(source, root=str(tmp_path / "streamed"), **kw)
+    added = [p for p in set(cache.rglob("*")) - before if p.is_file() and p.suffix != ".lock"]
+    assert added == []  # no copy in datasets' cache (streaming leaves only its lock file there)
+    assert not (streamed / prepare.WORK).exists()  # the copy went with the work folder
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # offline: datasets' cache, as before
+    cached = prepare.prepare(source, root=str(tmp_path / "cached"), **kw)
+    assert any(p.suffix == ".arrow" for p in set(cache.rglob("*")) - before)  # what streaming spared
+    jsonl = prepare.prepare(str(tmp_path / "same.jsonl"), root=str(tmp_path / "jsonl"), **kw)
+    for name in ("train.bin", "val.bin"):
+        assert (streamed / name).read_bytes() == (cached / name).read_bytes() == (jsonl / name).read_bytes()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ForgeError, match=r"row 0 of hf:.* has no field 'body' \(columns: \['text', 'url'\]\)"):
+        prepare.prepare(source, text_field="body", root=str(tmp_path / "wrong"), **kw)
 
 
 def test_a_tokenizer_sample_bound_is_recorded_and_changes_the_key_only_when_not_the_default(tmp_path):
