@@ -11,6 +11,7 @@ Every corpus comes from corpus_gen (varied, never repeated text); every size tra
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import math
 import subprocess
@@ -140,6 +141,9 @@ def main() -> None:
                    help="corpus size for the cgroup-limited run; 0: none; -1: 1.5x the limit, in 0.05 GiB steps")
     p.add_argument("--limit_factor", type=float, default=1.25, help="limit = factor x the largest run's peak")
     p.add_argument("--steps", type=int, default=50, help="training steps end to end; 0: none")
+    p.add_argument("--tokenizer_sweep", type=int, nargs="*", default=[],
+                   help="tokenizer sample sizes in MiB: the smallest corpus prepared once each, for the tokenizer "
+                        "training's peak memory and time against its sample")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     report, started = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}, time.monotonic()
@@ -151,6 +155,8 @@ def main() -> None:
             run["encode_vs_anchor"] = round(run["encode_mb_s"] / run["anchor_mb_s"], 3)
         report["runs"][f"{size:g}GB"] = run
         print(f"{size:g} GiB: {json.dumps(run)}", flush=True)
+    if args.tokenizer_sweep:
+        report["tokenizer_sweep"] = tokenizer_sweep(args)
     largest = max(args.sizes)
     if args.steps:
         report["end_to_end"] = train_steps(corpus(args.workdir, largest), args.workdir / f"prepared-{largest:g}GB",
@@ -164,10 +170,20 @@ def main() -> None:
     print(f"total {report['total_seconds']} s; {args.workdir / 'prepare_bench.json'}")
 
 
+def tokenizer_sweep(args) -> list[dict]:
+    smallest, rows = min(args.sizes), []
+    for mib in args.tokenizer_sweep:
+        swept = argparse.Namespace(**{**vars(args), "tokenizer_train_bytes": mib << 20})
+        run = prepared_run(corpus(args.workdir, smallest), args.workdir / f"prepared-{smallest:g}GB-tok{mib}", swept)
+        rows.append({"sample_mib": mib, **{k: run.get(k) for k in (
+            "returncode", "tokenizer_sample_mb", "tokenizer_peak_rss_mb", "peak_pss_mb", "peak_pss_anon_mb")},
+            "tokenizer_s": run.get("phases_s", {}).get("tokenizer")})
+        print(f"tokenizer sample {mib} MiB: {json.dumps(rows[-1])}", flush=True)
+    return rows
+
+
 def limited(args, peak_mb: float) -> dict:
     """Prepare a corpus larger than the memory limit; its token files must equal an unlimited run's."""
-    from forge_ds.files import sha256_file
-
     limit = int(args.limit_factor * peak_mb * 1e6)
     if args.limited_gb < 0:
         args.limited_gb = math.ceil(1.5 * limit / GB * 20) / 20
@@ -179,8 +195,8 @@ def limited(args, peak_mb: float) -> dict:
     result = limited_run(path, capped, limit, args)
     result["corpus_over_limit"] = round(path.stat().st_size / limit, 2)
     if result.get("returncode") == 0:
-        result["files_equal_unlimited"] = all(sha256_file(capped / n) == sha256_file(free / n)
-                                              for n in ("train.bin", "val.bin"))
+        result["files_equal_unlimited"] = all(filecmp.cmp(capped / n, free / n, shallow=False)
+                                              for n in ("train.bin", "val.bin", "tokenizer.json"))
     return result
 
 

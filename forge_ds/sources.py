@@ -253,9 +253,9 @@ def scan(src: Source, files: list[str], min_article_length: int = 0, max_article
     """One pass over the table (`files`, from table_files): whitespace-only documents dropped always, those
     shorter than `min_article_length` characters dropped, then the first `max_articles` kept."""
     rows, sizes, non_utf8 = array.array("q"), array.array("q"), 0  # 8 bytes a document, not a Python int's 28
-    docs = open_table(files, src.text_field)
-    for start in range(0, len(docs), SCAN_BATCH):
-        texts, batch_bytes = docs.range_texts(start, start + SCAN_BATCH), 0
+    start = 0
+    for texts in iter_texts(files, src.text_field):
+        batch_bytes = 0
         for i, text in enumerate(texts, start):
             if not isinstance(text, str):
                 what = "has no field" if text is None else "has a non-string field"
@@ -272,6 +272,7 @@ def scan(src: Source, files: list[str], min_article_length: int = 0, max_article
             progress.update(batch_bytes)
         if len(rows) == max_articles:
             break
+        start += len(texts)
     if not rows:
         raise ForgeError(f"data source {src.name!r} has no documents after filtering (min_article_length="
                          f"{min_article_length}, max_articles={max_articles}); add text or relax the filters")
@@ -294,48 +295,87 @@ def table_files(src: Source, work: Path) -> list[str]:
     return [c["filename"] for c in ds.cache_files]
 
 
-class ArrowDocs:
-    """One text column of Arrow IPC stream files (datasets' cache format), memory-mapped, read by row number.
+def _mapped_batches(table_files: list[str], field: str, keep_fds: bool = False):
+    """(mapping, file descriptor, the mapping as a pyarrow buffer, the column of each record batch) in file order,
+    zero-copy: the mapping's pages stay on disk until a column is read."""
+    import pyarrow as pa
 
-    pyarrow alone, not datasets: worker processes start faster and a few hundred MB smaller without it. Every read
-    hands the mapped pages back (madvise DONTNEED) once its texts are Python strings. Otherwise each page that a
-    shuffled read touches stays in this process's RSS, which grows to the size of the corpus: page cache that
-    the kernel may drop, but what `top`, SLURM's accounting and a memory cgroup's usage show."""
+    for name in table_files:
+        fd = os.open(name, os.O_RDONLY)  # with keep_fds, left open for ArrowDocs' preads
+        try:
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            view = pa.py_buffer(mapped)
+            reader = pa.ipc.open_stream(view)
+            column = reader.schema.get_field_index(field)
+            for batch in reader:  # reading a batch's header touches a page: callers hand them back
+                yield mapped, fd, view, batch.column(column)
+        finally:
+            if not keep_fds:
+                os.close(fd)  # the mapping holds its own
+
+
+def iter_texts(table_files: list[str], field: str):
+    """Every row's text (None for a null) in file order, SCAN_BATCH rows at a time, the mapping's pages handed back
+    (madvise DONTNEED) after each: read pages otherwise stay in this process's RSS, up to the corpus's size."""
+    for mapped, _, _, column in _mapped_batches(table_files, field):
+        for start in range(0, len(column), SCAN_BATCH):
+            yield column[start:start + SCAN_BATCH].to_pylist()
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+
+class ArrowDocs:
+    """One text column of Arrow IPC stream files (datasets' cache format), read by row number in any order.
+
+    pyarrow alone, not datasets: worker processes start faster and a few hundred MB smaller without it. Each row
+    comes by pread from its array's offsets and data in the file, never through a mapping: a touched mapped page
+    stays in the process's RSS and the kernel maps whole large folios (~350 KB a document here), so shuffled
+    reads grew the tokenizer child and the encoders to the corpus's size (page cache the kernel may drop, but
+    what `top`, SLURM's accounting and a memory cgroup's usage show). Kept per record batch: four integers."""
 
     def __init__(self, table_files: list[str], field: str):
-        import pyarrow as pa
-
-        self.maps, self.chunks = [], []
-        for name in table_files:
-            with open(name, "rb") as f:
-                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            self.chunks += pa.ipc.open_stream(pa.py_buffer(self.maps[-1])).read_all().column(field).chunks
-        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
-        self._release()
+        places, lengths, self.copied = [], [], {}
+        for i, (mapped, fd, view, column) in enumerate(_mapped_batches(table_files, field, keep_fds=True)):
+            place = _place_in_file(column, fd, view)
+            if place is None:  # a buffer pyarrow copied (unaligned) or not a string column: keep the array
+                self.copied[i], place = column, (fd, 0, 0, 0)
+            places.append(place)
+            lengths.append(len(column))
+            if i % 64 == 63:
+                mapped.madvise(mmap.MADV_DONTNEED)
+        self.places = np.asarray(places, dtype=np.int64).reshape(-1, 4)
+        self.starts = np.cumsum([0] + lengths)
+        # The last file's mapping still holds a few header pages; the buffers no longer reference it.
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _release(self) -> None:
-        for mapped in self.maps:  # a read-only file mapping: the next read faults its pages in again
-            mapped.madvise(mmap.MADV_DONTNEED)
-
     def texts(self, rows: np.ndarray) -> list[str]:
         chunk = np.searchsorted(self.starts, rows, side="right") - 1
-        out = [self.chunks[c][int(r - self.starts[c])].as_py() for c, r in zip(chunk.tolist(), rows.tolist())]
-        self._release()
+        out = []
+        for c, row in zip(chunk.tolist(), (rows - self.starts[chunk]).tolist()):
+            if c in self.copied:
+                out.append(self.copied[c][row].as_py())
+                continue
+            fd, offsets_at, data_at, width = self.places[c].tolist()
+            ends = os.pread(fd, 2 * width, offsets_at + row * width)
+            begin, end = int.from_bytes(ends[:width], "little"), int.from_bytes(ends[width:], "little")
+            out.append(os.pread(fd, end - begin, data_at + begin).decode("utf-8"))
         return out
 
-    def range_texts(self, start: int, stop: int) -> list[str]:
-        """Rows start..stop-1, read a chunk slice at a time (a sequential pass: scan)."""
-        out, stop = [], min(stop, len(self))
-        chunk = int(np.searchsorted(self.starts, start, side="right")) - 1
-        while start < stop:
-            end = min(stop, int(self.starts[chunk + 1]))
-            out += self.chunks[chunk][start - int(self.starts[chunk]):end - int(self.starts[chunk])].to_pylist()
-            start, chunk = end, chunk + 1
-        self._release()
-        return out
+
+def _place_in_file(column, fd: int, view) -> tuple | None:
+    """(fd, file position of the column's first offset, of its data, offset width) when both buffers lie in the
+    mapped file; else None."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    _, offsets, data = column.buffers()
+    width = 8 if pa.types.is_large_string(column.type) else 4
+    if not all(b is not None and b.size > 0 and view.address <= b.address < view.address + view.size
+               for b in (offsets, data)):
+        return None
+    return fd, offsets.address - view.address + column.offset * width, data.address - view.address, width
 
 
 def open_table(table_files: list[str], field: str) -> ArrowDocs:
