@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import resource
 import signal
 import subprocess
 import sys
@@ -97,7 +96,14 @@ def _train_from_rows(table_files, field, rows, sample_bytes, vocab_size, out_pat
               total=sample_bytes) as bar:
         tok = train_tokenizer(texts_by_row(table, rows, bar), vocab_size, show_progress, length=len(rows))
     tok.save(str(out_path))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return own_peak_rss()
+
+
+def own_peak_rss() -> int:
+    """This process's peak RSS since it started (VmHWM) in bytes: not ru_maxrss, which after a fork + exec
+    also holds the parent's RSS at the fork (the old address space's peak), here the main process's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def start_python(call: str, **popen) -> subprocess.Popen:
