@@ -31,8 +31,11 @@ def args(run: Path, corpus: Path, prepared: Path, steps: int, *extra: str) -> li
 
 
 def start(cmd: list[str], out: Path, fault: str) -> subprocess.Popen:
+    # SIGINT as a terminal's foreground job has it: a suite started in the background of a non-interactive shell
+    # (`.ci/run &`) inherits it ignored, and a program that does not install its own handler keeps it so.
     return subprocess.Popen([sys.executable, "-m", "forge_ds.cli", *cmd], env=base_env({"FORGE_DS_FAULT": fault}),
-                            stdout=open(out, "w"), stderr=subprocess.STDOUT)
+                            stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
@@ -88,7 +91,11 @@ def test_offline_evaluate_shows_progress_and_stops_on_ctrl_c(stopped_in_eval, tm
     out = tmp_path / "evaluate.txt"
     proc = start(["evaluate", str(run)], out, "eval_batch:sleep3")
     wait_until(proc, lambda: "evaluate:" in out.read_text(), "a progress bar")
-    elapsed = signal_and_time(proc, signal.SIGINT)
+    try:
+        elapsed = signal_and_time(proc, signal.SIGINT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running 120 s after SIGINT; its output:\n{out.read_text()[-3000:]}") from None
     text = out.read_text()
     assert proc.returncode == 130 and elapsed < 5, (elapsed, text[-3000:])
     assert "forge-ds: stopped by Ctrl-C" in text and "Traceback" not in text
