@@ -77,7 +77,7 @@ def prepared_run(corpus_path: Path, prepared: Path, args, prefix: list[str] = ()
             "tokenizer_sample_mb": round(meta["tokenizer_sample_bytes"] / 1e6, 1),
             "text_mb": round(meta["text_bytes"] / 1e6, 1), "tokens": meta["train_tokens"] + meta["val_tokens"],
             "encode_mb_s": round(meta["text_bytes"] / 1e6 / phases["encode"], 2),
-            "summary": result.stderr.strip().splitlines()[-1]}
+            "summary": (result.stderr.strip().splitlines() or ["(already prepared)"])[-1]}
 
 
 def anchor(corpus_path: Path, prepared: Path) -> dict:
