@@ -344,7 +344,7 @@ class ArrowDocs:
                 mapped.madvise(mmap.MADV_DONTNEED)
         self.places = np.asarray(places, dtype=np.int64).reshape(-1, 4)
         self.starts = np.cumsum([0] + lengths)
-        # The last file's mapping still holds a few header pages; the buffers no longer reference it.
+        # Only arrays kept in `copied` still reference a mapping; the others are unmapped once this returns.
 
     def __len__(self) -> int:
         return int(self.starts[-1])
